@@ -1,0 +1,2 @@
+def enable(model):
+    return model

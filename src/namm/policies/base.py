@@ -1,0 +1,142 @@
+"""The policy interface: a policy scores cached tokens, the runtime evicts.
+
+A policy is a small dataclass. At every memory step the runtime hands it one :class:`MemoryStep` per
+managed layer; the policy returns a score per cached token (higher = keep) from :meth:`Policy.score`,
+and :meth:`Policy.keep` turns scores into a keep mask (by default: the ``budget`` highest-scored
+tokens of every head). Gathering, compaction and bookkeeping live once, in :mod:`namm.cache`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from namm.errors import NammError
+from namm.policies.selection import top_k_keep
+
+#: ``Policy.query_window`` value asking for every query since the previous memory step.
+ALL_QUERIES = 0
+
+
+@dataclass
+class MemoryStep:
+    """Everything a policy may look at for one layer at one memory step.
+
+    Shapes: ``B`` batch rows, ``H`` KV heads, ``T`` cache slots (the longest head; shorter heads are
+    padded with invalid slots), ``D`` head dim, ``Q`` recent queries.
+
+    Attributes:
+        layer_idx: index of the decoder layer.
+        num_layers: number of decoder layers in the model.
+        keys: ``(B, H, T, D)`` cached keys (post-RoPE, as the model stores them).
+        values: ``(B, H, T, D)`` cached values.
+        positions: ``(B, H, T)`` int64, the absolute position of each slot's token.
+        valid: ``(B, H, T)`` bool, False for evicted-padding slots and left-padding tokens.
+        attention: ``(B, H, Q, T)`` float32 softmax attention that the ``Q`` most recent queries gave each
+            slot, averaged over the query heads sharing a KV head; rows of padding queries are zero.
+            ``None`` unless the policy sets ``query_window``.
+        query_positions: ``(Q,)`` int64 absolute positions of those queries, or ``None``.
+        n_seen: tokens processed so far (absolute count, padding included).
+        n_real: ``(B,)`` int64, real (non-padding) tokens processed so far per row.
+        state: per-token policy state, each tensor ``(B, H, T, ...)``. New slots are appended as zeros;
+            the runtime gathers every entry with the kept indices. A policy may replace entries.
+        params: optional per-row policy parameters (population mode), policy-defined.
+    """
+
+    layer_idx: int
+    num_layers: int
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor
+    attention: torch.Tensor | None
+    query_positions: torch.Tensor | None
+    n_seen: int
+    n_real: torch.Tensor
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def recency_bonus(step: MemoryStep, window: int) -> torch.Tensor:
+    """``(B, H, T)`` bool: the slots holding one of the ``window`` newest tokens of each row."""
+    newest = step.n_seen - 1
+    return step.valid & (step.positions > newest - window)
+
+
+def protect(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Lift ``scores`` where ``mask`` is set above every other score (kvpress pads with ``max + 1``)."""
+    finite = scores.masked_fill(~torch.isfinite(scores), 0)
+    top = finite.amax() + finite.abs().amax() + 1.0
+    return torch.where(mask, scores + top + 1.0, scores)
+
+
+@dataclass
+class Policy:
+    """Base class: keeps everything. Subclasses override :meth:`score` (and maybe :meth:`keep`)."""
+
+    #: How many recent queries' attention the policy needs: ``None`` (no attention weights are computed),
+    #: ``ALL_QUERIES`` (every query since the previous memory step) or ``k`` (the last ``k``).
+    query_window: ClassVar[int | None] = None
+    #: Short name used by the CLI and the registry.
+    name: ClassVar[str] = "base"
+
+    def score(self, step: MemoryStep) -> torch.Tensor:
+        """Return ``(B, H, T)`` float scores, higher = keep. Invalid slots are ignored."""
+        return torch.zeros_like(step.positions, dtype=torch.float32)
+
+    def keep(self, step: MemoryStep, scores: torch.Tensor) -> torch.Tensor:
+        """Return the ``(B, H, T)`` bool keep mask (a subset of ``step.valid``)."""
+        return step.valid
+
+    def validate(self, context_tokens: int) -> None:
+        """Raise :class:`NammError` if the policy cannot run on a context of ``context_tokens`` tokens."""
+
+    def describe(self) -> str:
+        return repr(self)
+
+
+@dataclass
+class BudgetPolicy(Policy):
+    """A policy that keeps, in every head, the ``budget`` highest-scored tokens.
+
+    ``budget`` is a token count (``int >= 1``) or a fraction of the tokens seen so far (``0 < float <= 1``).
+    """
+
+    budget: int | float = 0.25
+
+    def __post_init__(self) -> None:
+        b = self.budget
+        name = type(self).__name__
+        if isinstance(b, bool) or not isinstance(b, (int, float)):
+            raise NammError(f"{name}: budget must be a token count or a fraction, got {b!r}.")
+        if isinstance(b, float) and not 0.0 < b <= 1.0:
+            raise NammError(
+                f"{name}: a fractional budget must be in (0, 1], got {b}. "
+                "Pass a token count (e.g. 256) or a fraction (e.g. 0.25)."
+            )
+        if isinstance(b, int) and b < 1:
+            raise NammError(f"{name}: budget must be at least 1 token (or a fraction in (0, 1]), got {b}.")
+
+    def budget_tokens(self, n_real: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` int64: tokens each head of each row may keep, given ``n_real`` tokens seen per row."""
+        if isinstance(self.budget, int):
+            return torch.clamp(n_real, max=self.budget)
+        return torch.ceil(n_real.double() * self.budget).long().clamp(min=1)
+
+    def validate(self, context_tokens: int) -> None:
+        if isinstance(self.budget, int) and self.budget > context_tokens:
+            raise NammError(
+                f"{type(self).__name__}: budget {self.budget} tokens is above the context ({context_tokens} "
+                "tokens), so nothing would ever be evicted. Use a smaller budget, a fraction, or the Full policy."
+            )
+
+    def keep(self, step: MemoryStep, scores: torch.Tensor) -> torch.Tensor:
+        return top_k_keep(scores, step.valid, self.budget_tokens(step.n_real))
+
+    def describe(self) -> str:
+        b = f"{self.budget:.0%}" if isinstance(self.budget, float) else f"{self.budget} tokens"
+        return f"{self.name} (budget {b})"
+
+
+__all__ = ["ALL_QUERIES", "BudgetPolicy", "MemoryStep", "Policy", "protect", "recency_bonus"]
