@@ -1,0 +1,357 @@
+"""A transformers ``Cache`` whose full-attention layers hold a variable number of tokens per KV head.
+
+Each managed layer (:class:`EvictingLayer`) stores, per batch row and KV head, the kept tokens' keys
+and values in position order, each token's original absolute position, and a validity mask. After an
+eviction the storage is compacted to the longest head; shorter heads are padded with invalid slots
+(reported by :meth:`MemoryCache.padding_fraction`). Keys are cached post-RoPE, so evicting tokens does
+not move anyone's position; new tokens keep absolute positions (``get_seq_length`` is the number of
+tokens processed, not the number stored).
+
+Sliding-window layers (e.g. 15 of Gemma 3's 18 layers) are left to transformers' own
+``DynamicSlidingWindowLayer``, which already bounds them; only global layers are managed.
+
+Memory steps run inside the attention call of each layer (see :mod:`namm.attention`), whenever the
+layer's absolute token count reaches or crosses a multiple of ``delay``: the policy scores the layer's
+cached tokens, keeps some, and the layer gathers its storage, positions and per-token policy state.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicLayer, get_layer_types_and_kwargs
+
+from namm.errors import NammError
+from namm.policies.base import ALL_QUERIES, MemoryStep, Policy
+
+_PENDING = threading.local()
+
+
+def take_pending(layer_idx: int) -> EvictingLayer | None:
+    """Return (and clear) the managed layer whose ``update`` ran just before this attention call."""
+    layer = getattr(_PENDING, "layer", None)
+    if layer is None or layer.layer_idx != layer_idx:
+        return None
+    _PENDING.layer = None
+    return layer
+
+
+def clear_pending() -> None:
+    """Forget a pending layer (e.g. after a forward pass was interrupted by an exception)."""
+    _PENDING.layer = None
+
+
+@dataclass
+class StepRecord:
+    """What one memory step of one layer did. ``kept``: ``(B, H)`` tokens kept per row and head."""
+
+    layer_idx: int
+    n_seen: int
+    kept: torch.Tensor
+    before: torch.Tensor
+    seconds: float
+
+
+@dataclass
+class CacheStats:
+    """Running statistics of a :class:`MemoryCache`."""
+
+    steps: list[StepRecord] = field(default_factory=list)
+    peak_bytes: int = 0
+    memory_seconds: float = 0.0
+
+
+class EvictingLayer(DynamicLayer):
+    """Per-head evicting storage for one full-attention layer.
+
+    Tensors (``B`` rows, ``H`` KV heads, ``T`` slots, ``D`` head dim):
+    ``keys``/``values`` ``(B, H, T, D)``, ``positions`` ``(B, H, T)`` int64, ``valid`` ``(B, H, T)`` bool,
+    ``state[name]`` ``(B, H, T, ...)`` per-token policy state, ``queries`` ``(B, H_q, Q, D)`` the recent
+    queries a policy asked for, ``real`` ``(B, n_seen)`` bool which absolute positions are real tokens.
+    """
+
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, layer_idx: int, owner: MemoryCache):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.owner = owner
+        self.n_seen = 0
+        self.last_step = 0
+        self.dense = True  # slot i holds position i and every slot is valid: plain SDPA applies
+        self.positions: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None
+        self.real: torch.Tensor | None = None
+        self.state: dict[str, torch.Tensor] = {}
+        self.queries: torch.Tensor | None = None
+        self.softcap: float | None = None
+        self.bytes = 0
+
+    # --- transformers Cache layer API -------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        b, h = key_states.shape[:2]
+        self.positions = torch.empty(b, h, 0, dtype=torch.long, device=self.device)
+        self.valid = torch.empty(b, h, 0, dtype=torch.bool, device=self.device)
+        self.real = torch.empty(b, 0, dtype=torch.bool, device=self.device)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append ``(B, H, Q, D)`` new keys/values; return the whole storage for the attention call."""
+        if getattr(_PENDING, "layer", None) is not None:
+            stale = _PENDING.layer
+            _PENDING.layer = None
+            raise NammError(
+                f"Layer {stale.layer_idx} of the namm cache was updated but its attention did not run through "
+                "namm's attention function. Call namm.enable(model) (load_model does it) before generating."
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, h, q, _ = key_states.shape
+        new_pos = torch.arange(self.n_seen, self.n_seen + q, device=self.device)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.positions = torch.cat([self.positions, new_pos.expand(b, h, q)], dim=-1)
+        self.valid = torch.cat([self.valid, self.valid.new_ones(b, h, q)], dim=-1)
+        self.real = torch.cat([self.real, self.real.new_ones(b, q)], dim=-1)
+        for name, tensor in self.state.items():
+            pad = tensor.new_zeros(b, h, q, *tensor.shape[3:])
+            self.state[name] = torch.cat([tensor, pad], dim=2)
+        self.n_seen += q
+        self.owner._account(self)
+        _PENDING.layer = self
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        """Tokens processed so far (absolute), which is what transformers derives positions from."""
+        return self.n_seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """Masks are built over absolute positions; :mod:`namm.attention` maps them onto the slots."""
+        return self.n_seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.layer_idx, self.owner)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NammError("A namm cache cannot be cropped (evicted tokens cannot be restored).")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._index_batch(indices)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._index_batch(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._index_batch(torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats))
+
+    def _index_batch(self, idx: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        idx = idx.to(self.device)
+        self.keys, self.values = self.keys[idx], self.values[idx]
+        self.positions, self.valid, self.real = self.positions[idx], self.valid[idx], self.real[idx]
+        self.state = {k: v[idx] for k, v in self.state.items()}
+        if self.queries is not None:
+            self.queries = self.queries[idx]
+
+    # --- called by namm.attention --------------------------------------------------------------
+    def observe_padding(self, attention_mask: torch.Tensor | None, q: int) -> None:
+        """Mark this call's left-padding tokens as not real and their slots invalid.
+
+        ``attention_mask`` is the 4-D mask transformers built over absolute positions, ``(B, 1, Q, n_seen)``
+        (bool, or additive float), or ``None`` when there is no padding. Its last query row sees every
+        real earlier token.
+        """
+        if attention_mask is None or attention_mask.dim() != 4:
+            return
+        row = attention_mask[:, 0, -1, self.n_seen - q : self.n_seen]
+        real = row if row.dtype == torch.bool else row == 0
+        if real.shape[0] != self.real.shape[0]:
+            real = real.expand(self.real.shape[0], -1)
+        if bool(real.all()):
+            return
+        self.real[:, self.n_seen - q :] = real
+        self.valid[:, :, -q:] &= real[:, None, :]
+        self.dense = False
+
+    def slot_mask(self, q: int, query_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, H, Q, T)`` bool: which slots each of the last ``q`` queries may attend to (causal, valid)."""
+        if query_positions is None:
+            query_positions = torch.arange(self.n_seen - q, self.n_seen, device=self.device)
+        allowed = self.valid[:, :, None, :] & (self.positions[:, :, None, :] <= query_positions[:, None])
+        # Padding queries may see nothing; let them see everything so SDPA stays finite (outputs unused).
+        return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+    def after_attention(self, query: torch.Tensor) -> None:
+        """Keep the recent queries a policy asked for and run the memory step when one is due."""
+        policy = self.owner.policy
+        window = policy.query_window
+        if window is not None:
+            query = query.detach()
+            self.queries = query if self.queries is None else torch.cat([self.queries, query], dim=2)
+            if window != ALL_QUERIES and self.queries.shape[2] > window:
+                self.queries = self.queries[:, :, -window:]
+        delay = self.owner.delay
+        if self.n_seen // delay > self.last_step // delay:
+            self.memory_step()
+
+    # --- the memory step ---------------------------------------------------------------------------
+    def recent_attention(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Recompute the softmax attention of the stored queries against the current slots.
+
+        Returns:
+            ``(B, H, Q, T)`` float32 attention averaged over the query heads of each KV head (rows of
+            padding queries zeroed), and the ``(Q,)`` absolute query positions.
+        """
+        q = self.queries
+        b, hq, nq, d = q.shape
+        h = self.keys.shape[1]
+        qpos = torch.arange(self.n_seen - nq, self.n_seen, device=self.device)
+        allowed = self.slot_mask(nq, qpos)  # (B, H, Q, T)
+        scale = self.owner.scaling[self.layer_idx]
+        out = torch.empty(b, h, nq, self.keys.shape[2], dtype=torch.float32, device=self.device)
+        grouped = q.view(b, h, hq // h, nq, d)
+        for head in range(h):  # one KV head at a time bounds the transient memory
+            logits = torch.matmul(grouped[:, head].float(), self.keys[:, head, None].float().transpose(-1, -2))
+            logits = logits * scale
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            logits = logits.masked_fill(~allowed[:, head, None], float("-inf"))
+            out[:, head] = torch.softmax(logits, dim=-1).mean(dim=1)
+        real_q = self.real[:, self.n_seen - nq :]
+        return out * real_q[:, None, :, None], qpos
+
+    def memory_step(self) -> None:
+        """Score, select and evict; then forget the stored queries."""
+        start = time.perf_counter()
+        policy: Policy = self.owner.policy
+        attention = qpos = None
+        if policy.query_window is not None and self.queries is not None:
+            attention, qpos = self.recent_attention()
+        step = MemoryStep(
+            layer_idx=self.layer_idx,
+            num_layers=len(self.owner.layers),
+            keys=self.keys,
+            values=self.values,
+            positions=self.positions,
+            valid=self.valid,
+            attention=attention,
+            query_positions=qpos,
+            n_seen=self.n_seen,
+            n_real=self.real.sum(dim=-1),
+            state=self.state,
+        )
+        scores = policy.score(step)
+        keep = policy.keep(step, scores) & self.valid
+        self.state = step.state
+        before = self.valid.sum(dim=-1)
+        if not bool((keep == self.valid).all()) or not bool(self.valid.all()):
+            self.compact(keep)
+        self.queries = None
+        self.last_step = self.n_seen
+        self.owner.stats.steps.append(
+            StepRecord(self.layer_idx, self.n_seen, keep.sum(dim=-1).cpu(), before.cpu(), time.perf_counter() - start)
+        )
+        self.owner.stats.memory_seconds += time.perf_counter() - start
+
+    def compact(self, keep: torch.Tensor) -> None:
+        """Keep the ``(B, H, T)`` slots set in ``keep``; shrink storage to the longest head."""
+        counts = keep.sum(dim=-1)  # (B, H)
+        length = int(counts.max())
+        sort_key = torch.where(keep, self.positions, torch.iinfo(torch.long).max)
+        idx = sort_key.argsort(dim=-1, stable=True)[..., :length]  # kept slots in position order first
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            index = idx.view(*idx.shape, *([1] * (t.dim() - 3))).expand(*idx.shape, *t.shape[3:])
+            return t.gather(2, index)
+
+        self.keys, self.values = gather(self.keys), gather(self.values)
+        self.positions = self.positions.gather(2, idx)
+        self.valid = torch.arange(length, device=self.device) < counts[..., None]
+        self.state = {k: gather(v) for k, v in self.state.items()}
+        self.dense = False
+        self.owner._account(self)
+
+
+class MemoryCache(Cache):
+    """A ``Cache`` bound to a policy: pass it as ``past_key_values`` to ``model(...)`` or ``model.generate``.
+
+    Args:
+        model: the causal LM (its config decides which layers are managed, and its attention modules
+            give the softmax scaling).
+        policy: the eviction policy (see :mod:`namm.policies`).
+        delay: a memory step runs every ``delay`` tokens, counted by absolute position.
+    """
+
+    def __init__(self, model, policy: Policy, delay: int = 512):
+        if not isinstance(policy, Policy):
+            raise NammError(f"policy must be a namm Policy instance, got {type(policy).__name__}.")
+        if not isinstance(delay, int) or delay < 1:
+            raise NammError(f"delay must be a positive number of tokens, got {delay!r}.")
+        from namm.attention import attention_modules, enable  # noqa: PLC0415
+
+        enable(model)
+        config = model.config.get_text_config(decoder=True)
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
+        self.scaling: dict[int, float] = {}
+        for module in attention_modules(model):
+            self.scaling[module.layer_idx] = float(getattr(module, "scaling", module.head_dim**-0.5))
+        layers = []
+        for idx, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs, strict=True)):
+            if kind == "full_attention":
+                layers.append(EvictingLayer(idx, self))
+            elif kind in ("sliding_attention", "chunked_attention"):
+                layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs))
+            else:
+                raise NammError(
+                    f"Layer {idx} of {type(model).__name__} is a {kind!r} layer; namm manages full-attention "
+                    "and leaves sliding-window layers to transformers, but cannot handle this layer type."
+                )
+        if not any(isinstance(layer, EvictingLayer) for layer in layers):
+            raise NammError(f"{type(model).__name__} has no full-attention layer for namm to manage.")
+        super().__init__(layers=layers)
+        self.policy = policy
+        self.delay = delay
+        self.stats = CacheStats()
+        self._bytes_total = 0
+        clear_pending()
+
+    @property
+    def managed(self) -> list[EvictingLayer]:
+        return [layer for layer in self.layers if isinstance(layer, EvictingLayer)]
+
+    def _account(self, layer: EvictingLayer) -> None:
+        """Track the exact storage bytes of the managed layers and their peak (plus the others' now)."""
+        new = layer.keys.nbytes + layer.values.nbytes
+        self._bytes_total += new - layer.bytes
+        layer.bytes = new
+        others = sum(
+            lay.keys.nbytes + lay.values.nbytes
+            for lay in self.layers
+            if not isinstance(lay, EvictingLayer) and getattr(lay, "is_initialized", False)
+        )
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self._bytes_total + others)
+
+    def kv_bytes(self) -> int:
+        """Bytes of key/value storage in every layer now (padding slots included)."""
+        return sum(
+            lay.keys.nbytes + lay.values.nbytes for lay in self.layers if getattr(lay, "is_initialized", False)
+        )
+
+    def kept_tokens(self) -> torch.Tensor:
+        """``(L_managed, B, H)`` valid tokens per managed layer, row and KV head."""
+        return torch.stack([layer.valid.sum(dim=-1) for layer in self.managed if layer.is_initialized])
+
+    def padding_fraction(self) -> float:
+        """Fraction of managed storage slots that are invalid (per-head compaction padding)."""
+        slots = sum(layer.valid.numel() for layer in self.managed if layer.is_initialized)
+        valid = sum(int(layer.valid.sum()) for layer in self.managed if layer.is_initialized)
+        return 1.0 - valid / slots if slots else 0.0

@@ -1,0 +1,275 @@
+"""The generation engine: chunked prefill, memory steps on an absolute cadence, greedy or sampled decoding.
+
+``generate(model, tokenizer, prompt, policy)`` prefills the prompt in chunks that end on absolute
+multiples of ``chunk_size`` (so that memory steps, every ``delay`` tokens, land exactly on chunk
+ends, as in the reference), then decodes one token at a time until ``max_new_tokens`` or EOS. The
+policy runs inside the cache (:class:`namm.cache.MemoryCache`), so the same cache also works with
+``model.generate(..., past_key_values=cache)``.
+
+Batches of several prompts are left-padded; padding tokens are never attended to, never counted in
+budgets and are evicted at the first memory step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from namm.cache import MemoryCache, clear_pending
+from namm.errors import NammError
+from namm.policies.base import Policy
+
+
+@dataclass
+class GenerationStats:
+    """Statistics of one :func:`generate` call (cache figures are per managed layer and KV head).
+
+    Attributes:
+        prompt_tokens: prompt length per row (padding excluded).
+        generated_tokens: generated tokens per row (EOS included).
+        kept_tokens: ``[layer][head]`` valid tokens at the end, averaged over rows.
+        steps: one entry per memory step and layer: ``layer``, ``n_seen``, ``kept`` (``[row][head]``).
+        mean_kv_tokens: token-weighted mean over forward calls of the mean tokens per managed head.
+        peak_kv_tokens: most tokens any managed head held (just before an eviction).
+        full_kv_tokens: tokens a full cache would hold at the end (prompt + generated, longest row).
+        kv_bytes / mean_kv_bytes / peak_kv_bytes: key-value storage of all layers, padding included.
+        padding_fraction: share of managed storage slots that are per-head compaction padding.
+        prefill_seconds / decode_seconds / memory_seconds: wall-clock times (memory steps are inside
+            prefill and decode).
+    """
+
+    prompt_tokens: list[int]
+    generated_tokens: list[int]
+    kept_tokens: list[list[float]]
+    steps: list[dict]
+    mean_kv_tokens: float
+    peak_kv_tokens: int
+    full_kv_tokens: int
+    kv_bytes: int
+    mean_kv_bytes: float
+    peak_kv_bytes: int
+    padding_fraction: float
+    prefill_seconds: float
+    decode_seconds: float
+    memory_seconds: float
+
+    @property
+    def seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
+
+    @property
+    def cache_fraction(self) -> float:
+        """Mean cache size relative to a full cache over the same forward calls."""
+        return self.mean_kv_tokens / max(self._mean_full_tokens, 1e-9)
+
+    _mean_full_tokens: float = field(default=0.0, repr=False)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.pop("_mean_full_tokens")
+        out["seconds"] = self.seconds
+        out["cache_fraction"] = self.cache_fraction
+        return out
+
+
+@dataclass
+class GenerationResult:
+    """Output of :func:`generate`. ``text``/``token_ids`` are per row for a batch, plain for one prompt."""
+
+    text: str | list[str]
+    token_ids: list[int] | list[list[int]]
+    stats: GenerationStats
+    logits: torch.Tensor | None = None  # (B, new_tokens, vocab) if return_logits
+
+
+class _Meter:
+    """Accumulates the cache size after every forward call."""
+
+    def __init__(self, cache: MemoryCache):
+        self.cache = cache
+        self.tokens = self.full = self.bytes = self.weight = 0.0
+        self.peak_tokens = 0
+
+    def record(self, processed: int, n_seen: int) -> None:
+        kept = self.cache.kept_tokens().float()
+        self.tokens += kept.mean().item() * processed
+        self.full += n_seen * processed
+        self.bytes += self.cache.kv_bytes() * processed
+        self.weight += processed
+        self.peak_tokens = max(self.peak_tokens, int(kept.max()))
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if source is None:
+            continue
+        ids.update([source] if isinstance(source, int) else list(source))
+    return ids
+
+
+def _encode(tokenizer, prompt) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Return ``(input_ids (B, N), attention_mask (B, N), batched)`` with left padding."""
+    if isinstance(prompt, torch.Tensor):
+        ids = prompt if prompt.dim() == 2 else prompt[None]
+        return ids.long(), torch.ones_like(ids, dtype=torch.long), prompt.dim() == 2
+    batched = not isinstance(prompt, str)
+    prompts = list(prompt) if batched else [prompt]
+    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise NammError("Empty prompt: pass a non-empty string (or a list of non-empty strings).")
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = old_side
+    return enc["input_ids"], enc["attention_mask"], batched
+
+
+def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, gen) -> torch.Tensor:
+    """``(B, V)`` logits -> ``(B,)`` next tokens."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / max(temperature, 1e-5), dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(dim=-1) - sorted_p > top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    tokenizer,
+    prompt: str | Sequence[str] | torch.Tensor,
+    policy: Policy,
+    max_new_tokens: int = 64,
+    delay: int = 512,
+    chunk_size: int | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    return_logits: bool = False,
+) -> GenerationResult:
+    """Generate with a KV cache managed by ``policy``.
+
+    Args:
+        model: a transformers causal LM (routed through namm's attention by :func:`namm.attention.enable`).
+        tokenizer: its tokenizer.
+        prompt: a string, a list of strings (a left-padded batch) or token ids ``(N,)`` / ``(B, N)``.
+        policy: the eviction policy, e.g. ``namm.policies.H2O(budget=256)``.
+        max_new_tokens: generation length cap (EOS stops a row earlier).
+        delay: a memory step runs every ``delay`` tokens, counted by absolute position (prefill and decoding).
+        chunk_size: prefill chunk length; chunks end on absolute multiples of it. Must divide ``delay``.
+            Defaults to ``delay``.
+        do_sample, temperature, top_p, seed: sampling (greedy by default).
+        return_logits: also return the logits of every generated token.
+
+    Returns:
+        A :class:`GenerationResult` with the text, the generated ids and :class:`GenerationStats`.
+    """
+    chunk_size = chunk_size or delay
+    if chunk_size < 1 or delay % chunk_size:
+        raise NammError(f"chunk_size ({chunk_size}) must be a positive divisor of delay ({delay}).")
+    if max_new_tokens < 0:
+        raise NammError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+    input_ids, mask, batched = _encode(tokenizer, prompt)
+    b, n = input_ids.shape
+    if n == 0:
+        raise NammError("Empty prompt: it has no tokens.")
+    limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    if limit and n + max_new_tokens > limit:
+        raise NammError(
+            f"The prompt ({n} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's context of "
+            f"{limit} tokens; shorten the prompt (e.g. LongBench middle truncation) or generate fewer tokens."
+        )
+    policy.validate(n + max_new_tokens)
+    device = model.device
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    padded = not bool(mask.all())
+    cache = MemoryCache(model, policy, delay=delay)
+    meter = _Meter(cache)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def forward(ids: torch.Tensor, start: int) -> torch.Tensor:
+        end = start + ids.shape[1]
+        kwargs = {}
+        if padded:
+            kwargs["attention_mask"] = full_mask[:, :end]
+            kwargs["position_ids"] = (full_mask[:, :end].cumsum(-1) - 1).clamp(min=0)[:, start:end]
+        clear_pending()
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+        meter.record(ids.shape[1], end)
+        return out.logits[:, -1]
+
+    full_mask = torch.cat([mask, mask.new_ones(b, max_new_tokens)], dim=1)
+    t0 = time.perf_counter()
+    start = 0
+    while start < n:
+        end = min(n, (start // chunk_size + 1) * chunk_size)
+        logits = forward(input_ids[:, start:end], start)
+        start = end
+    prefill_seconds = time.perf_counter() - t0
+
+    eos = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos), 0)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    generated: list[torch.Tensor] = []
+    all_logits: list[torch.Tensor] = []
+    t1 = time.perf_counter()
+    for i in range(max_new_tokens):
+        if return_logits:
+            all_logits.append(logits.float().cpu())
+        token = _sample(logits, do_sample, temperature, top_p, gen).to(device)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        generated.append(token)
+        done |= torch.isin(token, torch.tensor(sorted(eos), device=device)) if eos else done
+        if bool(done.all()) or i == max_new_tokens - 1:
+            break
+        logits = forward(token[:, None], n + i)
+    decode_seconds = time.perf_counter() - t1
+
+    rows = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(b)]
+    rows = [_cut_at_eos(row, eos) for row in rows]
+    texts = [tokenizer.decode([t for t in row if t not in eos], skip_special_tokens=True) for row in rows]
+    stats = _stats(cache, meter, mask, rows, prefill_seconds, decode_seconds)
+    logits_out = torch.stack(all_logits, dim=1) if return_logits and all_logits else None
+    if batched:
+        return GenerationResult(texts, rows, stats, logits_out)
+    return GenerationResult(texts[0], rows[0], stats, logits_out)
+
+
+def _cut_at_eos(row: list[int], eos: set[int]) -> list[int]:
+    for i, t in enumerate(row):
+        if t in eos:
+            return row[: i + 1]
+    return row
+
+
+def _stats(cache, meter: _Meter, mask, rows, prefill_seconds, decode_seconds) -> GenerationStats:
+    kept = cache.kept_tokens().float()  # (L, B, H)
+    steps = [{"layer": s.layer_idx, "n_seen": s.n_seen, "kept": s.kept.tolist()} for s in cache.stats.steps]
+    peak_before = max((int(s.before.max()) for s in cache.stats.steps), default=0)
+    w = max(meter.weight, 1.0)
+    return GenerationStats(
+        prompt_tokens=mask.sum(dim=1).tolist(),
+        generated_tokens=[len(r) for r in rows],
+        kept_tokens=kept.mean(dim=1).tolist(),
+        steps=steps,
+        mean_kv_tokens=meter.tokens / w,
+        peak_kv_tokens=max(meter.peak_tokens, peak_before),
+        full_kv_tokens=int(mask.shape[1] + max((len(r) for r in rows), default=0)),
+        kv_bytes=cache.kv_bytes(),
+        mean_kv_bytes=meter.bytes / w,
+        peak_kv_bytes=cache.stats.peak_bytes,
+        padding_fraction=cache.padding_fraction(),
+        prefill_seconds=prefill_seconds,
+        decode_seconds=decode_seconds,
+        memory_seconds=cache.stats.memory_seconds,
+        _mean_full_tokens=meter.full / w,
+    )

@@ -1,0 +1,62 @@
+"""Eviction policies. A policy scores cached tokens; :mod:`namm.cache` does the eviction.
+
+``make_policy("h2o", budget=256)`` builds one by name; ``POLICIES`` lists them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from namm.errors import NammError
+from namm.policies.base import ALL_QUERIES, BudgetPolicy, MemoryStep, Policy
+from namm.policies.classic import H2O, Full, L2Norm, Random, SnapKV, StreamingLLM
+
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (Full, StreamingLLM, H2O, L2Norm, SnapKV, Random)}
+
+
+def register_policy(cls: type[Policy]) -> type[Policy]:
+    """Add a policy class to the registry under ``cls.name``."""
+    POLICIES[cls.name] = cls
+    return cls
+
+
+def policy_parameters(cls: type[Policy]) -> dict[str, object]:
+    """The constructor parameters of a policy class with their defaults."""
+    return {
+        f.name: (f.default if f.default is not dataclasses.MISSING else None)
+        for f in dataclasses.fields(cls)
+        if f.init
+    }
+
+
+def make_policy(name: str, **options) -> Policy:
+    """Build a policy by registry name, e.g. ``make_policy("snapkv", budget=0.25, window=32)``."""
+    key = name.lower().replace("-", "").replace("_", "")
+    aliases = {"streamingllm": "streaming", "l2norm": "l2", "knorm": "l2"}
+    key = aliases.get(key, key)
+    if key not in POLICIES:
+        raise NammError(f"Unknown policy {name!r}; choose one of: {', '.join(sorted(POLICIES))}.")
+    cls = POLICIES[key]
+    params = policy_parameters(cls)
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        raise NammError(f"Policy {key!r} has no option(s) {unknown}; its options are: {sorted(params) or 'none'}.")
+    return cls(**options)
+
+
+__all__ = [
+    "ALL_QUERIES",
+    "H2O",
+    "POLICIES",
+    "BudgetPolicy",
+    "Full",
+    "L2Norm",
+    "MemoryStep",
+    "Policy",
+    "Random",
+    "SnapKV",
+    "StreamingLLM",
+    "make_policy",
+    "policy_parameters",
+    "register_policy",
+]

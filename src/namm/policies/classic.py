@@ -1,0 +1,117 @@
+"""The classic KV-cache eviction policies, each one scoring method (higher score = keep).
+
+All of them keep, per KV head, their ``budget`` best tokens at every memory step (see
+:class:`~namm.policies.base.BudgetPolicy`); protected tokens (sinks, recent windows) are lifted above
+every other score, as kvpress does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from namm.errors import NammError
+from namm.policies.base import ALL_QUERIES, BudgetPolicy, MemoryStep, Policy, protect, recency_bonus
+
+
+@dataclass
+class Full(Policy):
+    """Keep every token (the reference full cache)."""
+
+    name = "full"
+
+
+@dataclass
+class StreamingLLM(BudgetPolicy):
+    """Attention sinks plus a recent window (Xiao et al., 2023, arXiv 2309.17453).
+
+    Args:
+        budget: tokens (or fraction of tokens seen) kept per head.
+        sinks: number of first real tokens always kept.
+    """
+
+    name = "streaming"
+    sinks: int = 4
+
+    def score(self, step: MemoryStep) -> torch.Tensor:
+        first_real = (step.n_seen - step.n_real).view(-1, 1, 1)  # left padding comes first
+        is_sink = step.valid & (step.positions - first_real < self.sinks)
+        return protect(step.positions.float(), is_sink)
+
+
+@dataclass
+class H2O(BudgetPolicy):
+    """Heavy hitters: accumulated attention received, plus a recent window (Zhang et al., 2023, arXiv 2306.14048).
+
+    Args:
+        budget: tokens (or fraction) kept per head.
+        recent_ratio: share of the budget reserved for the most recent tokens.
+    """
+
+    name = "h2o"
+    query_window = ALL_QUERIES
+    recent_ratio: float = 0.5
+
+    def score(self, step: MemoryStep) -> torch.Tensor:
+        acc = step.state.get("h2o_acc", torch.zeros_like(step.positions, dtype=torch.float32))
+        acc = acc + step.attention.sum(dim=2)
+        step.state["h2o_acc"] = acc
+        recent = int(self.budget_tokens(step.n_real).max().item() * self.recent_ratio)
+        return protect(acc, recency_bonus(step, recent))
+
+
+@dataclass
+class L2Norm(BudgetPolicy):
+    """Keep the tokens whose keys have the lowest L2 norm (Devoto et al., 2024, arXiv 2406.11430)."""
+
+    name = "l2"
+
+    def score(self, step: MemoryStep) -> torch.Tensor:
+        return -step.keys.float().norm(dim=-1)
+
+
+@dataclass
+class SnapKV(BudgetPolicy):
+    """Attention from an observation window of recent queries, pooled (Li et al., 2024, arXiv 2404.14469).
+
+    Run question-agnostically at every memory step: the window is the last ``window`` queries.
+
+    Args:
+        budget: tokens (or fraction) kept per head.
+        window: observation window (recent queries; their own tokens are always kept).
+        kernel: average-pooling kernel along the cache axis.
+    """
+
+    name = "snapkv"
+    window: int = 32
+    kernel: int = 5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.window < 1 or self.kernel < 1 or self.kernel % 2 == 0:
+            raise NammError(
+                f"SnapKV: window must be >= 1 and kernel an odd number >= 1 (got {self.window}, {self.kernel})."
+            )
+
+    @property
+    def query_window(self) -> int:  # type: ignore[override]
+        return self.window
+
+    def score(self, step: MemoryStep) -> torch.Tensor:
+        b, h, _, t = step.attention.shape
+        attn = step.attention.mean(dim=2).view(b * h, 1, t)
+        pooled = torch.nn.functional.avg_pool1d(attn, self.kernel, stride=1, padding=self.kernel // 2).view(b, h, t)
+        return protect(pooled, recency_bonus(step, self.window))
+
+
+@dataclass
+class Random(BudgetPolicy):
+    """Keep a random subset (seeded: the same seed, layer and step give the same choice)."""
+
+    name = "random"
+    seed: int = 0
+
+    def score(self, step: MemoryStep) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step.layer_idx * 10_007 + step.n_seen)
+        return torch.rand(step.positions.shape, generator=gen).to(step.positions.device)

@@ -1,0 +1,109 @@
+"""Classic policies and the shared selection machinery."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import namm
+from conftest import random_prompt
+from namm.policies import H2O, POLICIES, Full, L2Norm, MemoryStep, Random, SnapKV, StreamingLLM, make_policy
+from namm.policies.selection import threshold_keep, top_k_keep
+
+BUDGETED = [StreamingLLM(budget=24), H2O(budget=24), L2Norm(budget=24), SnapKV(budget=24, window=8), Random(budget=24)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    b=st.integers(1, 3), h=st.integers(1, 4), t=st.integers(1, 40), k=st.integers(1, 45), seed=st.integers(0, 10_000)
+)
+def test_kept_tokens_are_the_top_scores(b, h, t, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(b, h, t, generator=g)
+    valid = torch.rand(b, h, t, generator=g) > 0.2
+    keep = top_k_keep(scores, valid, torch.full((b,), k))
+    assert not (keep & ~valid).any()
+    for bi in range(b):
+        for hi in range(h):
+            cand = scores[bi, hi][valid[bi, hi]]
+            expect = min(k, cand.numel())
+            assert int(keep[bi, hi].sum()) == expect
+            if 0 < expect < cand.numel():
+                assert scores[bi, hi][keep[bi, hi]].min() > scores[bi, hi][valid[bi, hi] & ~keep[bi, hi]].max()
+
+
+def test_threshold_selection_modes():
+    scores = torch.tensor([[[1.0, -1.0, 0.0, -2.0], [-1.0, -0.5, -3.0, -4.0]]])
+    valid = torch.ones_like(scores, dtype=torch.bool)
+    newest = torch.zeros_like(valid)
+    newest[..., -1] = True
+    per_head = threshold_keep(scores, valid, per_layer=False, always=newest)
+    assert per_head.tolist() == [[[True, False, True, True], [False, False, False, True]]]
+    per_layer = threshold_keep(scores, valid, per_layer=True, always=newest)
+    # the first head keeps 3 (two non-negative + newest); every head keeps its 3 best
+    assert per_layer.tolist() == [[[True, False, True, True], [True, True, False, True]]]
+
+
+@pytest.mark.parametrize("policy", BUDGETED, ids=lambda p: p.name)
+def test_budgets_are_honoured_and_memory_is_freed(policy, llama, tokenizer):
+    prompt = random_prompt(160, seed=4)
+    full = namm.generate(llama, tokenizer, prompt, Full(), max_new_tokens=4, delay=32)
+    out = namm.generate(llama, tokenizer, prompt, policy, max_new_tokens=4, delay=32)
+    for step in out.stats.steps:
+        assert max(max(row) for row in step["kept"]) <= 24
+    assert out.stats.kv_bytes < 0.5 * full.stats.kv_bytes
+    assert out.stats.peak_kv_bytes < full.stats.peak_kv_bytes
+    assert out.stats.mean_kv_tokens < full.stats.mean_kv_tokens
+    assert out.stats.peak_kv_tokens <= 24 + 32
+
+
+def test_fractional_budget_tracks_tokens_seen(llama, tokenizer):
+    out = namm.generate(llama, tokenizer, random_prompt(128), L2Norm(budget=0.25), max_new_tokens=2, delay=32)
+    for step in out.stats.steps:
+        assert max(max(row) for row in step["kept"]) == -(-step["n_seen"] // 4)
+
+
+def test_streaming_keeps_sinks_and_recent_window():
+    t = 40
+    step = MemoryStep(
+        layer_idx=0, num_layers=1, keys=torch.zeros(1, 1, t, 4), values=torch.zeros(1, 1, t, 4),
+        positions=torch.arange(t).view(1, 1, t), valid=torch.ones(1, 1, t, dtype=torch.bool),
+        attention=None, query_positions=None, n_seen=t, n_real=torch.tensor([t]),
+    )
+    policy = StreamingLLM(budget=10, sinks=4)
+    keep = policy.keep(step, policy.score(step))
+    assert torch.nonzero(keep[0, 0]).flatten().tolist() == [0, 1, 2, 3, 34, 35, 36, 37, 38, 39]
+
+
+def test_l2norm_keeps_low_norm_keys():
+    keys = torch.ones(1, 1, 6, 2) * torch.tensor([5.0, 1.0, 3.0, 0.5, 4.0, 2.0]).view(1, 1, 6, 1)
+    step = MemoryStep(0, 1, keys, keys, torch.arange(6).view(1, 1, 6), torch.ones(1, 1, 6, dtype=torch.bool),
+                      None, None, 6, torch.tensor([6]))
+    policy = L2Norm(budget=3)
+    assert torch.nonzero(policy.keep(step, policy.score(step))[0, 0]).flatten().tolist() == [1, 3, 5]
+
+
+def test_h2o_accumulates_attention_across_steps(llama, tokenizer):
+    cache = namm.MemoryCache(llama, H2O(budget=16), delay=16)
+    ids = tokenizer(random_prompt(64), return_tensors="pt").input_ids
+    with torch.no_grad():
+        for s in range(0, 64, 16):
+            llama(ids[:, s : s + 16], past_key_values=cache)
+    acc = cache.managed[0].state["h2o_acc"]
+    assert acc.shape[:3] == cache.managed[0].positions.shape
+    assert float(acc.sum()) > 0
+
+
+def test_random_is_seeded(llama, tokenizer):
+    p = random_prompt(100)
+    a = namm.generate(llama, tokenizer, p, Random(budget=20, seed=1), max_new_tokens=3, delay=32)
+    b = namm.generate(llama, tokenizer, p, Random(budget=20, seed=1), max_new_tokens=3, delay=32)
+    assert a.stats.steps == b.stats.steps and a.token_ids == b.token_ids
+
+
+def test_registry_lists_every_policy():
+    assert set(POLICIES) >= {"full", "streaming", "h2o", "l2", "snapkv", "random"}
+    assert isinstance(make_policy("StreamingLLM", budget=8), StreamingLLM)
+    assert make_policy("snapkv", budget=0.5, window=16).query_window == 16

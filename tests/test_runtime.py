@@ -1,0 +1,160 @@
+"""The memory runtime: equivalence with plain transformers, eviction as masking, padding, model.generate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+import namm
+from conftest import random_prompt, tiny_model
+from namm.policies import H2O, Full, Policy, SnapKV
+
+
+def test_full_policy_reproduces_model_generate(any_model, tokenizer):
+    prompt = random_prompt(90)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    ref = any_model.generate(
+        ids, max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    out = namm.generate(any_model, tokenizer, prompt, Full(), max_new_tokens=12, delay=32, return_logits=True)
+    new = ref.sequences[0, ids.shape[1] :].tolist()
+    assert out.token_ids == new[: len(out.token_ids)]
+    assert len(out.token_ids) == len(new)
+    ref_logits = torch.stack(ref.logits, dim=1)
+    torch.testing.assert_close(out.logits, ref_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_cache_works_inside_model_generate(llama, tokenizer):
+    ids = tokenizer(random_prompt(70, seed=3), return_tensors="pt").input_ids
+    ref = llama.generate(ids, max_new_tokens=10, do_sample=False)
+    cache = namm.MemoryCache(llama, Full(), delay=16)
+    out = llama.generate(ids, max_new_tokens=10, do_sample=False, past_key_values=cache)
+    assert torch.equal(ref, out)
+    evicting = namm.MemoryCache(llama, H2O(budget=24), delay=16)
+    llama.generate(ids, max_new_tokens=20, do_sample=False, past_key_values=evicting)
+    kept = evicting.kept_tokens()
+    assert evicting.get_seq_length() == ids.shape[1] + 19
+    assert int(kept.max()) < ids.shape[1]  # something was evicted at the decoding-time memory steps
+
+
+@dataclass
+class EvictGiven(Policy):
+    """Test policy: at the memory step at ``when`` tokens, evict the given positions from given heads."""
+
+    name = "evict-given"
+    hide: dict = None  # (layer, head) -> list of absolute positions
+    when: int = 0
+
+    def keep(self, step, scores):
+        keep = step.valid.clone()
+        if step.n_seen != self.when:
+            return keep
+        for (layer, head), positions in self.hide.items():
+            if layer == step.layer_idx:
+                gone = torch.isin(step.positions[:, head], torch.tensor(positions))
+                keep[:, head] &= ~gone
+        return keep
+
+
+HIDDEN: dict = {}
+
+
+def head_masked_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Eager reference: causal attention where HIDDEN[(layer, kv_head)] = (from_pos, positions) hides keys."""
+    b, hq, q, d = query.shape
+    h, t = key.shape[1], key.shape[2]
+    g = hq // h
+    k = key.repeat_interleave(g, dim=1)
+    v = value.repeat_interleave(g, dim=1)
+    logits = query @ k.transpose(-1, -2) * scaling
+    qpos = torch.arange(t - q, t)
+    allowed = (torch.arange(t)[None, :] <= qpos[:, None]).expand(b, hq, q, t).clone()
+    for (layer, head), (from_pos, positions) in HIDDEN.items():
+        if layer != module.layer_idx:
+            continue
+        for qh in range(head * g, head * g + g):
+            for j in positions:
+                allowed[:, qh, qpos >= from_pos, j] = False
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    out = torch.softmax(logits.float(), dim=-1).to(v.dtype) @ v
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("head_masked", head_masked_attention)
+AttentionMaskInterface.register("head_masked", sdpa_mask)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_eviction_equals_masking_that_head(kind, tokenizer):
+    model = tiny_model(kind)
+    g = torch.Generator().manual_seed(1)
+    hide = {
+        (0, 1): torch.randperm(60, generator=g)[:20].tolist(),
+        (1, 0): torch.randperm(60, generator=g)[:35].tolist(),
+        (2, 1): list(range(5, 50)),
+    }
+    prompt = random_prompt(64, seed=7)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    assert ids.shape[1] == 64
+    extra = tokenizer(random_prompt(9, seed=8), return_tensors="pt").input_ids
+    cache = namm.MemoryCache(model, EvictGiven(hide=hide, when=64), delay=32)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        assert not cache.layers[0].dense
+        kept = cache.kept_tokens()
+        assert kept[0, 0, 1] == 64 - 20 and kept[1, 0, 0] == 64 - 35 and kept[2, 0, 1] == 64 - 45
+        got = torch.cat([model(extra[:, i : i + 1], past_key_values=cache).logits for i in range(4)], dim=1)
+        got = torch.cat([got, model(extra[:, 4:], past_key_values=cache).logits], dim=1)
+        HIDDEN.clear()
+        HIDDEN.update({key: (64, pos) for key, pos in hide.items()})
+        model.set_attn_implementation("head_masked")
+        try:
+            ref = model(torch.cat([ids, extra], dim=1)).logits[:, 64:]
+        finally:
+            model.set_attn_implementation("namm")
+            HIDDEN.clear()
+        plain = model(torch.cat([ids, extra], dim=1)).logits[:, 64:]
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    assert (got - plain).abs().max() > 1e-3  # the eviction did change the outputs
+
+
+def test_positions_survive_eviction(llama, tokenizer):
+    prompt = random_prompt(96, seed=2)
+    cache = namm.MemoryCache(llama, SnapKV(budget=20, window=8), delay=32)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        for start in range(0, 96, 32):
+            llama(ids[:, start : start + 32], past_key_values=cache)
+    for layer in cache.managed:
+        pos = layer.positions.masked_fill(~layer.valid, -1)
+        # kept positions are increasing within each head, the newest window survived, nothing moved
+        valid_pos = [p[p >= 0] for p in pos.view(-1, pos.shape[-1])]
+        for p in valid_pos:
+            assert torch.all(p[1:] > p[:-1])
+            assert set(range(88, 96)) <= set(p.tolist())
+        assert layer.n_seen == 96 and cache.get_seq_length() == 96
+
+
+def test_left_padded_batch_matches_single_prompts(tokenizer):
+    model = tiny_model("llama")
+    prompts = [random_prompt(70, seed=11), random_prompt(45, seed=12)]
+    batch = namm.generate(model, tokenizer, prompts, Full(), max_new_tokens=8, delay=32)
+    for i, p in enumerate(prompts):
+        single = namm.generate(model, tokenizer, p, Full(), max_new_tokens=8, delay=32)
+        assert batch.token_ids[i] == single.token_ids
+    evicting = namm.generate(model, tokenizer, prompts, H2O(budget=16), max_new_tokens=8, delay=32)
+    for i, p in enumerate(prompts):
+        single = namm.generate(model, tokenizer, p, H2O(budget=16), max_new_tokens=8, delay=32)
+        assert evicting.stats.prompt_tokens[i] == single.stats.prompt_tokens[0]
+    # padding never counts as a kept token: after the first step each row holds at most the budget + new tokens
+    assert max(max(s["kept"][1]) for s in evicting.stats.steps) <= 16
+
+
+def test_chunked_prefill_memory_steps_land_on_multiples(llama, tokenizer):
+    out = namm.generate(llama, tokenizer, random_prompt(100), H2O(budget=10), max_new_tokens=30, delay=32, chunk_size=8)
+    seen = sorted({s["n_seen"] for s in out.stats.steps})
+    assert seen == [32, 64, 96, 128]
