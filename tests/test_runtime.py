@@ -158,3 +158,33 @@ def test_chunked_prefill_memory_steps_land_on_multiples(llama, tokenizer):
     out = namm.generate(llama, tokenizer, random_prompt(100), H2O(budget=10), max_new_tokens=30, delay=32, chunk_size=8)
     seen = sorted({s["n_seen"] for s in out.stats.steps})
     assert seen == [32, 64, 96, 128]
+
+
+def test_recomputed_attention_equals_eager_weights(tokenizer):
+    """What a policy sees at a memory step is the model's own attention (GQA-averaged) for those queries."""
+    model = tiny_model("qwen2")
+    ids = tokenizer(random_prompt(48, seed=5), return_tensors="pt").input_ids
+    seen = {}
+
+    @dataclass
+    class Spy(Policy):
+        name = "spy"
+        query_window = 0
+
+        def score(self, step):
+            seen[step.layer_idx] = step.attention.clone()
+            return super().score(step)
+
+    cache = namm.MemoryCache(model, Spy(), delay=16)
+    with torch.no_grad():
+        model(ids[:, :32], past_key_values=cache)
+        model(ids[:, 32:], past_key_values=cache)  # the step at 48 sees queries 32..47
+        model.set_attn_implementation("eager")
+        try:
+            eager = model(ids, output_attentions=True).attentions
+        finally:
+            model.set_attn_implementation("namm")
+    for layer, attn in seen.items():
+        ref = eager[layer][:, :, 32:48]  # (B, H_q, Q, T)
+        ref = ref.view(1, 2, 2, 16, 48).mean(dim=2)
+        torch.testing.assert_close(attn, ref, rtol=1e-5, atol=1e-6)

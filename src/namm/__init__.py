@@ -9,13 +9,18 @@ from namm.attention import enable
 from namm.cache import MemoryCache
 from namm.engine import GenerationResult, GenerationStats, generate
 from namm.errors import NammError
+from namm.memory import NAMM, NAMMConfig
 from namm.models import load_model
-from namm.policies import make_policy
+from namm.policies import make_policy, register_policy
+
+register_policy(NAMM)
 
 __all__ = [
     "GenerationResult",
     "GenerationStats",
     "MemoryCache",
+    "NAMM",
+    "NAMMConfig",
     "NammError",
     "enable",
     "generate",

@@ -28,6 +28,12 @@ from namm.errors import NammError
 from namm.policies.base import ALL_QUERIES, MemoryStep, Policy
 
 _PENDING = threading.local()
+_ATTENTION_CHUNK_ELEMENTS = 1 << 26  # 256 MiB of float32 logits per chunk of KV heads at a memory step
+
+
+def _lower_triangle(n: int, device) -> torch.Tensor:
+    """``(n, n)`` bool, True on and below the diagonal."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril_()
 
 
 def take_pending(layer_idx: int) -> EvictingLayer | None:
@@ -83,6 +89,7 @@ class EvictingLayer(DynamicLayer):
         self.n_seen = 0
         self.last_step = 0
         self.dense = True  # slot i holds position i and every slot is valid: plain SDPA applies
+        self.padded = False  # some processed token was left padding
         self.positions: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
         self.real: torch.Tensor | None = None
@@ -181,14 +188,20 @@ class EvictingLayer(DynamicLayer):
         self.real[:, self.n_seen - q :] = real
         self.valid[:, :, -q:] &= real[:, None, :]
         self.dense = False
+        self.padded = True
 
-    def slot_mask(self, q: int, query_positions: torch.Tensor | None = None) -> torch.Tensor:
-        """``(B, H, Q, T)`` bool: which slots each of the last ``q`` queries may attend to (causal, valid)."""
-        if query_positions is None:
-            query_positions = torch.arange(self.n_seen - q, self.n_seen, device=self.device)
-        allowed = self.valid[:, :, None, :] & (self.positions[:, :, None, :] <= query_positions[:, None])
-        # Padding queries may see nothing; let them see everything so SDPA stays finite (outputs unused).
-        return allowed | ~allowed.any(dim=-1, keepdim=True)
+    def slot_mask(self, q: int) -> torch.Tensor:
+        """``(B, H, Q, T)`` bool: which slots each of this call's ``q`` queries may attend to.
+
+        This call's tokens are the last ``q`` slots (appended in order), so causality only concerns them;
+        every older slot is visible wherever it is valid.
+        """
+        b, h, t = self.valid.shape
+        allowed = self.valid[:, :, None, :].expand(b, h, q, t).clone()
+        allowed[..., t - q :] &= _lower_triangle(q, self.device)
+        if self.padded:  # padding queries may see nothing; let them see everything (outputs unused)
+            allowed |= ~allowed.any(dim=-1, keepdim=True)
+        return allowed
 
     def after_attention(self, query: torch.Tensor) -> None:
         """Keep the recent queries a policy asked for and run the memory step when one is due."""
@@ -207,27 +220,36 @@ class EvictingLayer(DynamicLayer):
     def recent_attention(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Recompute the softmax attention of the stored queries against the current slots.
 
+        The stored queries belong to the last ``Q`` slots (appended since the previous memory step), so the
+        mask is the slots' validity plus a causal triangle over those last ``Q`` slots.
+
         Returns:
             ``(B, H, Q, T)`` float32 attention averaged over the query heads of each KV head (rows of
             padding queries zeroed), and the ``(Q,)`` absolute query positions.
         """
-        q = self.queries
-        b, hq, nq, d = q.shape
-        h = self.keys.shape[1]
-        qpos = torch.arange(self.n_seen - nq, self.n_seen, device=self.device)
-        allowed = self.slot_mask(nq, qpos)  # (B, H, Q, T)
+        b, hq, nq, d = self.queries.shape
+        h, t = self.keys.shape[1], self.keys.shape[2]
+        g = hq // h
         scale = self.owner.scaling[self.layer_idx]
-        out = torch.empty(b, h, nq, self.keys.shape[2], dtype=torch.float32, device=self.device)
-        grouped = q.view(b, h, hq // h, nq, d)
-        for head in range(h):  # one KV head at a time bounds the transient memory
-            logits = torch.matmul(grouped[:, head].float(), self.keys[:, head, None].float().transpose(-1, -2))
-            logits = logits * scale
+        queries = (self.queries.float() * scale).reshape(b, h, g * nq, d)
+        hidden = ~self.valid[:, :, None, None, :]  # (B, H, 1, 1, T)
+        future = ~_lower_triangle(nq, self.device)  # (Q, Q) over the last Q slots
+        out = torch.empty(b, h, nq, t, dtype=torch.float32, device=self.device)
+        per_chunk = max(1, _ATTENTION_CHUNK_ELEMENTS // max(1, b * g * nq * t))
+        for lo in range(0, h, per_chunk):  # bounds the transient (B, heads, G*Q, T) logits
+            hi = min(h, lo + per_chunk)
+            logits = torch.matmul(queries[:, lo:hi], self.keys[:, lo:hi].float().transpose(-1, -2))
             if self.softcap:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
-            logits = logits.masked_fill(~allowed[:, head, None], float("-inf"))
-            out[:, head] = torch.softmax(logits, dim=-1).mean(dim=1)
-        real_q = self.real[:, self.n_seen - nq :]
-        return out * real_q[:, None, :, None], qpos
+            logits = logits.view(b, hi - lo, g, nq, t)
+            logits.masked_fill_(hidden[:, lo:hi], float("-inf"))
+            logits[..., t - nq :].masked_fill_(future, float("-inf"))
+            out[:, lo:hi] = torch.softmax(logits, dim=-1).mean(dim=2)
+        if self.padded:
+            out *= self.real[:, None, self.n_seen - nq :, None]
+            out.nan_to_num_(0.0)
+        qpos = torch.arange(self.n_seen - nq, self.n_seen, device=self.device)
+        return out, qpos
 
     def memory_step(self) -> None:
         """Score, select and evict; then forget the stored queries."""

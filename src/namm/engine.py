@@ -155,6 +155,7 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     return_logits: bool = False,
+    ignore_eos: bool = False,
 ) -> GenerationResult:
     """Generate with a KV cache managed by ``policy``.
 
@@ -169,6 +170,7 @@ def generate(
             Defaults to ``delay``.
         do_sample, temperature, top_p, seed: sampling (greedy by default).
         return_logits: also return the logits of every generated token.
+        ignore_eos: always generate ``max_new_tokens`` tokens (benchmarks).
 
     Returns:
         A :class:`GenerationResult` with the text, the generated ids and :class:`GenerationStats`.
@@ -216,7 +218,7 @@ def generate(
         start = end
     prefill_seconds = time.perf_counter() - t0
 
-    eos = _eos_ids(model, tokenizer)
+    eos = set() if ignore_eos else _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos), 0)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     generated: list[torch.Tensor] = []

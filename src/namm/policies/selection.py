@@ -31,9 +31,10 @@ def threshold_keep(
     Args:
         scores: ``(B, H, T)`` float scores; a score of exactly 0 is kept.
         valid: ``(B, H, T)`` bool; invalid slots are never kept.
-        per_layer: if True, the reference rule: every head of the layer (all rows) keeps as many tokens as
-            the head with the most non-negative scores, taking its highest-scored ones. If False, each head
-            keeps exactly its own non-negative tokens.
+        per_layer: if True, the reference rule: every head of the layer keeps as many tokens as the head
+            with the most non-negative scores, taking its highest-scored ones. The count is taken per batch
+            row (the reference only ran one row), so rows never influence each other's caches. If False,
+            each head keeps exactly its own non-negative tokens.
         always: optional ``(B, H, T)`` bool mask of slots that are kept regardless of score.
 
     Returns:
@@ -45,5 +46,4 @@ def threshold_keep(
     keep = valid & (s >= 0)
     if not per_layer:
         return keep
-    k = keep.sum(dim=-1).amax()
-    return top_k_keep(s, valid, k.expand(scores.shape[0]))
+    return top_k_keep(s, valid, keep.sum(dim=-1).amax(dim=-1))

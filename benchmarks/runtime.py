@@ -1,0 +1,156 @@
+"""Runtime benchmark: plain transformers SDPA vs namm's engine with Full and each policy at a 25% budget.
+
+Measures, on the bundled SmolLM2 at several context lengths, the median over repeats of prefill time,
+per-token decode time, memory-step time and peak KV bytes. Configurations are interleaved within each
+repeat so that machine noise hits them alike; ratios are taken within one run.
+
+    python benchmarks/runtime.py --lengths 1024 2048 4096 --repeats 3 --out docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+import namm
+from namm.policies import H2O, Full, L2Norm, Random, SnapKV, StreamingLLM
+
+FILLER = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+    "Some people like to travel by train because it is relaxing and they can read a book. "
+)
+
+
+def make_ids(tok, length: int) -> torch.Tensor:
+    ids = tok(FILLER * (length // 20 + 10), return_tensors="pt").input_ids[:, :length]
+    assert ids.shape[1] == length
+    return ids
+
+
+@torch.inference_mode()
+def plain_transformers(model, ids: torch.Tensor, new_tokens: int) -> dict:
+    """Reference: one-shot SDPA prefill into a DynamicCache, then greedy decoding."""
+    model.set_attn_implementation("sdpa")
+    try:
+        cache = DynamicCache(config=model.config)
+        t0 = time.perf_counter()
+        logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        prefill = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            token = logits.argmax(-1, keepdim=True)
+            logits = model(token, past_key_values=cache, use_cache=True).logits[:, -1]
+        decode = (time.perf_counter() - t1) / max(new_tokens - 1, 1)
+        kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    finally:
+        model.set_attn_implementation("namm")
+    return {"prefill": prefill, "decode": decode, "peak_kv": kv, "memory": 0.0, "steps": 0}
+
+
+def engine(model, tok, ids: torch.Tensor, policy, new_tokens: int, delay: int) -> dict:
+    out = namm.generate(model, tok, ids[0], policy, max_new_tokens=new_tokens, delay=delay, ignore_eos=True)
+    s = out.stats
+    n_steps = len({step["n_seen"] for step in s.steps})
+    return {
+        "prefill": s.prefill_seconds,
+        "decode": s.decode_seconds / max(s.generated_tokens[0] - 1, 1),
+        "peak_kv": s.peak_kv_bytes,
+        "final_kv": s.kv_bytes,
+        "memory": s.memory_seconds / max(n_steps, 1),
+        "steps": n_steps,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--delay", type=int, default=512)
+    ap.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    model, tok = namm.load_model(args.model)
+    configs = {
+        "transformers SDPA": None,
+        "namm Full": Full(),
+        "StreamingLLM 25%": StreamingLLM(budget=0.25),
+        "H2O 25%": H2O(budget=0.25),
+        "L2Norm 25%": L2Norm(budget=0.25),
+        "SnapKV 25%": SnapKV(budget=0.25),
+        "Random 25%": Random(budget=0.25),
+    }
+    rows = {}
+    warm = make_ids(tok, 256)
+    plain_transformers(model, warm, 4)
+    engine(model, tok, warm, Full(), 4, args.delay)
+    for length in args.lengths:
+        ids = make_ids(tok, length)
+        runs: dict[str, list[dict]] = {name: [] for name in configs}
+        for rep in range(args.repeats):
+            for name, policy in configs.items():
+                r = plain_transformers(model, ids, args.new_tokens) if policy is None else engine(
+                    model, tok, ids, policy, args.new_tokens, args.delay
+                )
+                runs[name].append(r)
+                print(f"[{length}] rep {rep} {name}: prefill {r['prefill']:.2f}s decode {r['decode'] * 1e3:.1f}ms "
+                      f"memory-step {r['memory']:.3f}s peak KV {r['peak_kv'] / 2**20:.1f} MiB", flush=True)
+        rows[length] = {
+            name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()
+        }
+    write_report(args, rows)
+
+
+def write_report(args, rows) -> None:
+    lines = [
+        "<!-- runtime:start -->",
+        "## Runtime: prefill, decoding and KV memory (issue 2)",
+        "",
+        f"`python benchmarks/runtime.py --lengths {' '.join(map(str, args.lengths))} --repeats {args.repeats} "
+        f"--new-tokens {args.new_tokens}` on {args.model}, fp32, 2 threads, "
+        f"{platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}; {time.strftime('%Y-%m-%d')}. Medians of {args.repeats} interleaved repeats; "
+        f"memory step every {args.delay} tokens; budgets are 25% of the tokens seen. Ratios are against "
+        "plain transformers (SDPA, one-shot prefill, `DynamicCache`) measured in the same run.",
+        "",
+    ]
+    for length, table in rows.items():
+        base = table["transformers SDPA"]
+        full = table["namm Full"]
+        lines += [
+            f"### {length} tokens",
+            "",
+            "| configuration | prefill s | x plain | decode ms/token | x Full | memory step s | step / prefill "
+            "| peak KV MiB | final KV / Full |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in table.items():
+            final = r.get("final_kv", r["peak_kv"])
+            lines.append(
+                f"| {name} | {r['prefill']:.2f} | {r['prefill'] / base['prefill']:.3f} | {r['decode'] * 1e3:.1f} | "
+                f"{r['decode'] / full['decode']:.2f} | {r['memory']:.3f} | {r['memory'] / r['prefill']:.1%} | "
+                f"{r['peak_kv'] / 2**20:.1f} | {final / full.get('final_kv', full['peak_kv']):.0%} |"
+            )
+        lines.append("")
+    lines.append("<!-- runtime:end -->")
+    block = "\n".join(lines)
+    text = args.out.read_text() if args.out.exists() else "# Benchmarks\n\n"
+    if "<!-- runtime:start -->" in text:
+        head, rest = text.split("<!-- runtime:start -->", 1)
+        text = head + block + rest.split("<!-- runtime:end -->", 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(block)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""The BAM scorer (spec section 3) as a stateless function of a flat parameter vector.
+
+For every (batch row, KV head), on that head's valid cached tokens with features ``z`` (25 dims):
+
+1. ``[q, k, v] = z @ W_qkv + b_qkv`` (25 -> 3 x 32, one head of dim 32, no RoPE),
+2. backward attention: token ``i`` attends to every valid token ``j`` with ``position_j >= position_i``
+   (itself and all newer tokens), softmax of ``q_i . k_j / sqrt(32)``,
+3. ``[r, m] = attn @ W_out + b_out`` (32 -> 2 x 25), ``h = z * (1 + m) + r``,
+4. ``score = h @ w_head + b_head`` (25 -> 1).
+
+Flat layout (4,172 values for the default config): ``[qkv weight (in x out, row-major), qkv bias,
+out weight (in x out), out bias, head weight (in x out), head bias]``; the biases are absent when
+``bam_bias`` is false. A ``(B, n)`` parameter matrix gives every batch row its own vector (population mode);
+all products are broadcast batched matmuls.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from namm.errors import NammError
+from namm.memory.config import NAMMConfig
+
+#: Upper bound on the elements of one block of attention logits (queries are processed in blocks).
+LOGIT_BLOCK_ELEMENTS = 1 << 24
+#: Most queries per block (smaller blocks skip more of the older keys).
+QUERY_BLOCK = 512
+
+
+def param_shapes(config: NAMMConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """``[(name, shape), ...]`` in flat-vector order."""
+    d, hd = config.feature_dim, config.bam_heads * config.bam_hidden
+    shapes = [
+        ("qkv_weight", (d, 3 * hd)),
+        ("qkv_bias", (3 * hd,)),
+        ("out_weight", (hd, 2 * d)),
+        ("out_bias", (2 * d,)),
+        ("head_weight", (d, 1)),
+        ("head_bias", (1,)),
+    ]
+    return [(n, s) for n, s in shapes if config.bam_bias or not n.endswith("_bias")]
+
+
+def param_count(config: NAMMConfig | None = None) -> int:
+    """Length of the flat parameter vector (4,172 for the default config)."""
+    return sum(math.prod(s) for _, s in param_shapes(config or NAMMConfig()))
+
+
+def unflatten(params: torch.Tensor, config: NAMMConfig | None = None) -> dict[str, torch.Tensor]:
+    """Named views of a flat vector ``(..., n)``: each entry has shape ``(..., *shape)``."""
+    config = config or NAMMConfig()
+    n = param_count(config)
+    if params.shape[-1:] != (n,):
+        raise NammError(f"NAMM parameters must have {n} values in their last dimension, got {tuple(params.shape)}.")
+    lead = params.shape[:-1]
+    out, offset = {}, 0
+    for name, shape in param_shapes(config):
+        size = math.prod(shape)
+        out[name] = params[..., offset : offset + size].reshape(*lead, *shape)
+        offset += size
+    return out
+
+
+def flatten(named: dict[str, torch.Tensor], config: NAMMConfig | None = None) -> torch.Tensor:
+    """Inverse of :func:`unflatten`: ``{name: (..., *shape)}`` -> ``(..., n)``."""
+    config = config or NAMMConfig()
+    parts = []
+    for name, shape in param_shapes(config):
+        if name not in named:
+            raise NammError(f"Missing NAMM parameter {name!r}.")
+        t = named[name]
+        if tuple(t.shape[t.dim() - len(shape) :]) != shape:
+            raise NammError(f"NAMM parameter {name!r} must end with shape {shape}, got {tuple(t.shape)}.")
+        parts.append(t.reshape(*t.shape[: t.dim() - len(shape)], -1))
+    return torch.cat(parts, dim=-1)
+
+
+def _backward_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """Backward-masked softmax attention.
+
+    The slots of every head are put in position order (invalid slots last), so "``j`` newer than ``i``"
+    becomes an upper triangle; queries are processed in blocks that skip the keys before the block,
+    which bounds memory (:data:`LOGIT_BLOCK_ELEMENTS`) and halves the work.
+
+    Args:
+        q, k, v: ``(B, H, nh, T, hd)`` float32.
+        positions: ``(B, H, T)`` order of the slots (larger = newer).
+        valid: ``(B, H, T)`` bool; invalid slots are never attended to by valid slots.
+
+    Returns:
+        ``(B, H, nh, T, hd)``, in the original slot order. Every slot attends at least to itself.
+    """
+    b, h, nh, t, hd = q.shape
+    if t == 0:
+        return q.clone()
+    order = positions.masked_fill(~valid, 2**62).argsort(dim=-1, stable=True)  # (B, H, T)
+    idx = order[:, :, None, :, None].expand(b, h, nh, t, hd)
+    q = q.gather(3, idx) * (1.0 / math.sqrt(hd))
+    k, v = k.gather(3, idx), v.gather(3, idx)
+    # Invalid keys get a huge finite penalty (exactly zero weight next to any allowed key, no NaN rows).
+    key_bias = torch.where(valid.gather(2, order), 0.0, -1e30)[:, :, None, None, :]  # (B, H, 1, 1, T)
+    block = max(1, min(t, QUERY_BLOCK, LOGIT_BLOCK_ELEMENTS // max(1, b * h * nh * t)))
+    # Block-local penalty of the keys older than each query: -inf strictly below the diagonal.
+    older = torch.full((block, t), float("-inf"), device=q.device).tril_(-1)
+    outs = []
+    for i0 in range(0, t, block):
+        i1 = min(t, i0 + block)
+        logits = q[..., i0:i1, :] @ k[..., i0:, :].transpose(-1, -2)  # (B, H, nh, i1 - i0, T - i0)
+        logits.add_(older[: i1 - i0, : t - i0]).add_(key_bias[..., i0:])
+        outs.append(logits.softmax(dim=-1) @ v[..., i0:, :])
+    return torch.empty_like(q).scatter_(3, idx, torch.cat(outs, dim=-2))
+
+
+def bam_scores(
+    features: torch.Tensor,
+    valid: torch.Tensor,
+    params: torch.Tensor,
+    config: NAMMConfig | None = None,
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Score every cached token.
+
+    Args:
+        features: ``(B, H, T, d)`` token features (``d = config.feature_dim``, 25 by default).
+        valid: ``(B, H, T)`` bool; invalid slots are excluded as keys and get score ``-inf``.
+        params: ``(n,)`` one vector for every row, or ``(B, n)`` row ``b`` uses ``params[b]``.
+        config: the NAMM configuration (default config if omitted).
+        positions: ``(B, H, T)`` token positions defining "newer"; default: the slot index.
+
+    Returns:
+        ``(B, H, T)`` float32 scores (``-inf`` for invalid slots).
+    """
+    config = config or NAMMConfig()
+    b, h, t, d = features.shape
+    if d != config.feature_dim:
+        raise NammError(f"BAM expects {config.feature_dim} features per token, got {d}.")
+    if valid.shape != (b, h, t):
+        raise NammError(f"valid has shape {tuple(valid.shape)}, expected {(b, h, t)}.")
+    if params.dim() == 1:
+        params = params.unsqueeze(0)
+    elif params.dim() != 2 or params.shape[0] != b:
+        raise NammError(
+            f"NAMM parameters must be a vector or one row per batch row ({b}), got shape {tuple(params.shape)}."
+        )
+    if positions is None:
+        positions = torch.arange(t, device=features.device).expand(b, h, t)
+    w = unflatten(params.to(device=features.device, dtype=torch.float32), config)
+    rows = params.shape[0]
+    nh, hd = config.bam_heads, config.bam_hidden
+
+    def linear(x: torch.Tensor, name: str) -> torch.Tensor:
+        weight = w[f"{name}_weight"]  # (rows, in, out)
+        y = x @ weight.view(rows, 1, *weight.shape[1:])
+        bias = w.get(f"{name}_bias")
+        return y if bias is None else y + bias.view(rows, 1, 1, -1)
+
+    z = features.float()
+    qkv = linear(z, "qkv").view(b, h, t, 3, nh, hd).permute(3, 0, 1, 4, 2, 5)  # (3, B, H, nh, T, hd)
+    attn = _backward_attention(qkv[0], qkv[1], qkv[2], positions, valid)
+    attn = attn.transpose(2, 3).reshape(b, h, t, nh * hd)
+    r, m = linear(attn, "out").split(d, dim=-1)
+    score = linear(z * (1.0 + m) + r, "head").squeeze(-1)
+    return score.masked_fill(~valid, float("-inf"))
+
+
+__all__ = ["bam_scores", "flatten", "param_count", "param_shapes", "unflatten"]

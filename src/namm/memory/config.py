@@ -1,0 +1,146 @@
+"""NAMM hyperparameters (spec sections 2-4), with validation and a strict JSON round trip."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from namm.errors import NammError
+
+SELECTION_MODES = ("per_layer", "per_head")
+
+
+@dataclass
+class NAMMConfig:
+    """Every hyperparameter of a NAMM. The defaults are the published recipe (``namm_bam_i{1,2,3}``).
+
+    Attributes:
+        n_fft: STFT window length in queries (periodic Hann window of this length).
+        hop: STFT hop in queries. Each memory step needs ``n_fft - hop`` carried samples per token and a
+            query count that is a multiple of ``hop``.
+        ema_decay: per-query EMA decay ``gamma``; one frame decays by ``gamma ** hop``.
+        recency_dim: size of the sinusoidal age code (even; half sines, half cosines).
+        recency_max_freq: base of the age code frequencies ``omega_k = recency_max_freq ** (-k / (dim/2))``.
+        recency_offset: added to every age before encoding (0: the newest token has age 0).
+        bam_hidden: head dimension of the BAM attention (q, k and v each have ``bam_heads * bam_hidden``).
+        bam_heads: number of BAM attention heads.
+        bam_bias: whether the three BAM linear layers have a bias.
+        selection: ``"per_layer"`` (the reference: every head of a batch row keeps as many tokens as its head
+            with the most non-negative scores) or ``"per_head"`` (each head keeps exactly its non-negative ones).
+        always_keep_newest: the newest token of every head is kept whatever its score.
+        norm_eps: lower bound of the normalisation standard deviation.
+        delay: memory-step cadence in tokens that the parameters were evolved with (a multiple of ``hop``).
+    """
+
+    n_fft: int = 32
+    hop: int = 16
+    ema_decay: float = 0.99
+    recency_dim: int = 8
+    recency_max_freq: float = 50_000.0
+    recency_offset: int = 0
+    bam_hidden: int = 32
+    bam_heads: int = 1
+    bam_bias: bool = True
+    selection: str = "per_layer"
+    always_keep_newest: bool = True
+    norm_eps: float = 1e-7
+    delay: int = 512
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def n_spec(self) -> int:
+        """Number of one-sided STFT bins (17 by default)."""
+        return self.n_fft // 2 + 1
+
+    @property
+    def carry(self) -> int:
+        """Attention samples carried per token from one memory step to the next (16 by default)."""
+        return self.n_fft - self.hop
+
+    @property
+    def feature_dim(self) -> int:
+        """Size of a token's feature vector: recency code then spectrum (25 by default)."""
+        return self.recency_dim + self.n_spec
+
+    @property
+    def frame_decay(self) -> float:
+        """EMA decay per STFT frame, ``ema_decay ** hop``."""
+        return self.ema_decay**self.hop
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise :class:`NammError` naming the first invalid field."""
+        for name in ("n_fft", "hop", "recency_dim", "recency_offset", "bam_hidden", "bam_heads", "delay"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise NammError(f"NAMMConfig.{name} must be an integer, got {v!r}.")
+        for name in ("ema_decay", "recency_max_freq", "norm_eps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise NammError(f"NAMMConfig.{name} must be a finite number, got {v!r}.")
+        for name in ("bam_bias", "always_keep_newest"):
+            if not isinstance(getattr(self, name), bool):
+                raise NammError(f"NAMMConfig.{name} must be true or false, got {getattr(self, name)!r}.")
+        if self.n_fft < 2 or self.n_fft % 2:
+            raise NammError(f"NAMMConfig.n_fft must be an even number >= 2, got {self.n_fft}.")
+        if not 1 <= self.hop <= self.n_fft:
+            raise NammError(f"NAMMConfig.hop must be in [1, n_fft={self.n_fft}], got {self.hop}.")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise NammError(f"NAMMConfig.ema_decay must be in (0, 1), got {self.ema_decay}.")
+        if self.recency_dim < 0 or self.recency_dim % 2:
+            raise NammError(f"NAMMConfig.recency_dim must be an even number >= 0, got {self.recency_dim}.")
+        if self.recency_max_freq <= 0:
+            raise NammError(f"NAMMConfig.recency_max_freq must be positive, got {self.recency_max_freq}.")
+        if self.recency_offset < 0:
+            raise NammError(f"NAMMConfig.recency_offset must be >= 0, got {self.recency_offset}.")
+        if self.bam_hidden < 1 or self.bam_heads < 1:
+            raise NammError(
+                f"NAMMConfig.bam_hidden and bam_heads must be >= 1, got {self.bam_hidden} and {self.bam_heads}."
+            )
+        if self.selection not in SELECTION_MODES:
+            raise NammError(f"NAMMConfig.selection must be one of {SELECTION_MODES}, got {self.selection!r}.")
+        if self.norm_eps <= 0:
+            raise NammError(f"NAMMConfig.norm_eps must be positive, got {self.norm_eps}.")
+        if self.delay < self.hop or self.delay % self.hop:
+            raise NammError(f"NAMMConfig.delay must be a positive multiple of hop={self.hop}, got {self.delay}.")
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, strict: bool = True) -> NAMMConfig:
+        """Build a config from a dict.
+
+        Unknown fields are always refused; missing fields are refused when ``strict`` (as for checkpoints),
+        otherwise they take their defaults.
+        """
+        if not isinstance(data, dict):
+            raise NammError(f"A NAMM config must be a JSON object, got {type(data).__name__}.")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise NammError(f"Unknown NAMM config field(s): {', '.join(unknown)}. Known: {', '.join(sorted(names))}.")
+        missing = sorted(names - set(data))
+        if strict and missing:
+            raise NammError(f"Missing NAMM config field(s): {', '.join(missing)}.")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, *, strict: bool = True) -> NAMMConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise NammError(f"A NAMM config is not valid JSON: {e}.") from e
+        return cls.from_dict(data, strict=strict)
+
+
+__all__ = ["SELECTION_MODES", "NAMMConfig"]

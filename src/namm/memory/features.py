@@ -1,0 +1,300 @@
+"""NAMM token features (spec section 2): attention spectrogram, EMA over frames, recency code.
+
+For every cached token of every KV head, the attention it received from the ``Q`` queries of the current
+memory step is read as a time series (query order = time), prefixed with the last ``n_fft - hop`` = 16
+values it received at the previous step (the carry; zeros for tokens born since), and turned into a
+magnitude STFT (periodic Hann window 32, hop 16, no centering, one-sided -> 17 bins, ``Q / 16`` frames).
+The frames are folded into a per-token EMA state with per-frame decay ``a = 0.99 ** 16``: frame ``f`` of
+``F`` gets weight ``(1 - a) * a ** (F - 1 - f)`` and the previous state decays by ``a ** F``. A token
+born inside the step at local query index ``n`` only receives frames ``f >= n // 16`` (no renormalisation).
+The state is normalised with global statistics (:class:`FeatureNormaliser`) and prefixed with an 8-dim
+sinusoidal code of the token's age -> 25 features.
+
+Deviations from the reference (which raises when ``Q`` is not a multiple of ``hop``):
+
+* ``Q % hop != 0`` (e.g. a one-shot prefill through ``model.generate`` whose memory step sees the whole
+  prompt): the signal is left-padded with zeros to the next multiple of ``hop``, i.e. the series is
+  ``[carry, zeros(pad), attention(Q)]``, and the local birth index of a new token is shifted by ``pad``.
+  The next carry is the last ``n_fft - hop`` samples of that padded series (for ``Q >= 16``: the last 16
+  attention values).
+* ``Q == 0``: no frames; the state and carry are returned unchanged (``a ** 0 = 1``).
+* The recency code is computed directly (float64, then float32) instead of from a 32,769-row table, so
+  there is no maximum age.
+* Statistics use the population variance (sum of squared deviations / count).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from namm.errors import NammError
+from namm.memory.config import NAMMConfig
+from namm.policies.base import MemoryStep
+
+EMA_KEY = "namm_ema"
+CARRY_KEY = "namm_carry"
+
+
+def hann_window(n_fft: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``(n_fft,)`` float32 periodic Hann window ``0.5 - 0.5 cos(2 pi m / n_fft)``."""
+    return torch.hann_window(n_fft, periodic=True, dtype=torch.float32, device=device)
+
+
+def stft_magnitudes(signal: torch.Tensor, n_fft: int = 32, hop: int = 16) -> torch.Tensor:
+    """Magnitude STFT of every series along the last axis, in float32.
+
+    Args:
+        signal: ``(..., L)`` series (any float dtype; computed in float32), ``L = n_fft + hop * (F - 1)``.
+            For NAMM, ``L = 16 + Q``: the carry then the ``Q`` attention values.
+
+    Returns:
+        ``(..., F, n_fft // 2 + 1)`` float32 magnitudes ``|sum_m w[m] x[hop*f + m] exp(-2 pi i k m / n_fft)|``,
+        with ``F = (L - n_fft) // hop + 1`` (``F = 0`` when ``L < n_fft``).
+    """
+    lead, length = signal.shape[:-1], signal.shape[-1]
+    n_bins = n_fft // 2 + 1
+    if length < n_fft or signal.numel() == 0:
+        n_frames = 0 if length < n_fft else (length - n_fft) // hop + 1
+        return signal.new_zeros((*lead, n_frames, n_bins), dtype=torch.float32)
+    if (length - n_fft) % hop:
+        raise NammError(f"STFT input length {length} is not n_fft={n_fft} plus a multiple of hop={hop}.")
+    flat = signal.reshape(-1, length).float()
+    spec = torch.stft(
+        flat,
+        n_fft=n_fft,
+        hop_length=hop,
+        win_length=n_fft,
+        window=hann_window(n_fft, flat.device),
+        center=False,
+        normalized=False,
+        onesided=True,
+        return_complex=True,
+    )  # (N, n_bins, F)
+    return spec.abs().transpose(-1, -2).reshape(*lead, -1, n_bins)
+
+
+def frame_weights(n_frames: int, a: float, device: torch.device | str | None = None) -> torch.Tensor:
+    """``(F,)`` float32 EMA weights ``(1 - a) * a ** (F - 1 - f)``: the newest frame gets ``1 - a``."""
+    exponents = torch.arange(n_frames - 1, -1, -1, dtype=torch.float64, device=device)
+    return ((1.0 - a) * a**exponents).float()
+
+
+def ema_update(spec: torch.Tensor, old_state: torch.Tensor, birth_frame: torch.Tensor, a: float) -> torch.Tensor:
+    """Fold one memory step's frames into the EMA state.
+
+    Args:
+        spec: ``(..., F, K)`` float32 frame magnitudes.
+        old_state: ``(..., K)`` state before the step (zeros for tokens born in it).
+        birth_frame: ``(...)`` int64 first frame a token may receive (0 for tokens older than the step).
+        a: per-frame decay.
+
+    Returns:
+        ``(..., K)`` float32 ``sum_f (1-a) a^(F-1-f) [f >= birth] spec[f] + a^F old_state``.
+    """
+    n_frames = spec.shape[-2]
+    w = frame_weights(n_frames, a, spec.device)
+    frames = torch.arange(n_frames, device=spec.device)
+    coef = w * (frames >= birth_frame.unsqueeze(-1))  # (..., F)
+    return torch.einsum("...f,...fk->...k", coef, spec.float()) + (a**n_frames) * old_state.float()
+
+
+def _float64_device(device: torch.device) -> torch.device:
+    """``device``, or the CPU for backends without float64 (Apple MPS)."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def recency_code(age: torch.Tensor, dim: int = 8, max_freq: float = 50_000.0) -> torch.Tensor:
+    """Sinusoidal age code.
+
+    Args:
+        age: ``(...)`` integer or float ages (0 = newest token).
+
+    Returns:
+        ``(..., dim)`` float32 ``[sin(age * w_0..w_{h-1}), cos(age * w_0..w_{h-1})]``, ``w_k = max_freq ** (-k/h)``,
+        ``h = dim // 2``.
+    """
+    half = dim // 2
+    work = _float64_device(age.device)
+    omega = max_freq ** (-torch.arange(half, dtype=torch.float64, device=work) / half)
+    angle = age.to(work).double().unsqueeze(-1) * omega
+    return torch.cat([angle.sin(), angle.cos()], dim=-1).float().to(age.device)
+
+
+class FeatureNormaliser:
+    """Global mean/std of the spectral features, merged over valid tokens with Chan's parallel update.
+
+    Until a token has been seen it is the identity (mean 0, std 1). ``freeze()`` stops updates; the
+    statistics live in the checkpoint (``mu``, ``sigma``, ``count``). Stored in float64 on the CPU.
+    """
+
+    def __init__(self, dim: int = 17, eps: float = 1e-7) -> None:
+        self.dim = dim
+        self.eps = eps
+        self.mean = torch.zeros(dim, dtype=torch.float64)
+        self.m2 = torch.zeros(dim, dtype=torch.float64)
+        self.count = 0.0
+        self.frozen = False
+        self._cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def mu(self) -> torch.Tensor:
+        """``(dim,)`` float64 mean (zeros before any statistics)."""
+        return self.mean.clone()
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        """``(dim,)`` float64 population standard deviation (ones before any statistics)."""
+        if self.count == 0:
+            return torch.ones(self.dim, dtype=torch.float64)
+        return (self.m2 / self.count).sqrt()
+
+    def update(self, x: torch.Tensor, valid: torch.Tensor) -> None:
+        """Merge the statistics of ``x[valid]``. ``x``: ``(..., dim)``; ``valid``: ``(...)`` bool."""
+        if self.frozen:
+            raise NammError("The NAMM normalisation statistics are frozen; they can no longer be updated.")
+        sel = x[valid]
+        sel = sel.to(_float64_device(sel.device)).double()
+        n = sel.shape[0]
+        if n == 0:
+            return
+        batch_mean = sel.mean(dim=0)
+        batch_m2 = ((sel - batch_mean) ** 2).sum(dim=0)
+        batch_mean, batch_m2 = batch_mean.cpu(), batch_m2.cpu()
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + batch_m2 + delta**2 * (self.count * n / total)
+        self.count = total
+        self._cache.clear()
+
+    def freeze(self) -> None:
+        """Stop updating. Refused before any statistics were collected."""
+        if self.count == 0:
+            raise NammError("Cannot freeze the NAMM normalisation statistics: none have been collected yet.")
+        self.frozen = True
+
+    def load(self, mu: torch.Tensor, sigma: torch.Tensor, count: float, frozen: bool) -> None:
+        """Restore statistics saved from :attr:`mu`, :attr:`sigma` and :attr:`count`."""
+        if mu.shape != (self.dim,) or sigma.shape != (self.dim,):
+            raise NammError(
+                f"Normalisation statistics must have shape ({self.dim},), got {tuple(mu.shape)} and "
+                f"{tuple(sigma.shape)}."
+            )
+        if count < 0 or (count == 0 and frozen):
+            raise NammError(f"Invalid normalisation statistics count {count} (frozen={frozen}).")
+        self.count = float(count)
+        self.mean = mu.double().cpu().clone() if count else torch.zeros(self.dim, dtype=torch.float64)
+        self.m2 = (sigma.double().cpu() ** 2) * self.count
+        self.frozen = bool(frozen)
+        self._cache.clear()
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., dim)`` -> float32 ``(x - mu) / max(sigma, eps)``."""
+        dev = x.device
+        if dev not in self._cache:
+            self._cache[dev] = (self.mu.float().to(dev), self.sigma.clamp(min=self.eps).float().to(dev))
+        mu, sigma = self._cache[dev]
+        return (x.float() - mu) / sigma
+
+    def describe(self) -> str:
+        if self.count == 0:
+            return "identity normalisation (no statistics collected)"
+        state = "frozen" if self.frozen else "collecting"
+        return f"{state} normalisation statistics ({int(self.count):,} token features)"
+
+
+def newest_position(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``(B, H, 1)``: the largest position among the valid slots of each head (``-2**62`` if there are none)."""
+    masked = positions.masked_fill(~valid, -(2**62))
+    if masked.shape[-1] == 0:
+        return masked.new_full((*masked.shape[:-1], 1), -(2**62))
+    return masked.amax(dim=-1, keepdim=True)
+
+
+def _stored(state: torch.Tensor | None, shape: tuple[int, ...], name: str, like: torch.Tensor) -> torch.Tensor:
+    """The stored per-token state, or zeros when it does not exist yet."""
+    if state is None:
+        return like.new_zeros(shape, dtype=torch.float32)
+    if tuple(state.shape) != shape:
+        raise NammError(f"NAMM state {name!r} has shape {tuple(state.shape)}, expected {shape}.")
+    return state.float()
+
+
+def step_features(
+    step: MemoryStep,
+    config: NAMMConfig,
+    normaliser: FeatureNormaliser,
+    ema: torch.Tensor | None = None,
+    carry: torch.Tensor | None = None,
+    update_stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features of every slot of one layer at one memory step.
+
+    Args:
+        step: the memory step; needs ``attention`` ``(B, H, Q, T)`` and ``query_positions`` ``(Q,)``.
+        config: the NAMM configuration.
+        normaliser: statistics for the spectral part.
+        ema: ``(B, H, T, n_spec)`` stored un-normalised EMA state (``None``: zeros, the first step).
+        carry: ``(B, H, T, n_fft - hop)`` last attention values of the previous step (``None``: zeros).
+        update_stats: merge the new EMA state of the valid slots into ``normaliser`` before normalising.
+
+    Returns:
+        ``features`` ``(B, H, T, recency_dim + n_spec)`` float32 (zero for invalid slots),
+        ``new_ema`` ``(B, H, T, n_spec)`` and ``new_carry`` ``(B, H, T, n_fft - hop)`` (zero for invalid slots).
+    """
+    if step.attention is None or step.query_positions is None:
+        raise NammError("NAMM needs the attention of every query since the previous memory step (query_window=0).")
+    att, qpos, pos, valid = step.attention, step.query_positions.to(step.positions.device), step.positions, step.valid
+    b, h, q, t = att.shape
+    if pos.shape != (b, h, t) or valid.shape != (b, h, t) or qpos.shape != (q,):
+        raise NammError(
+            f"Inconsistent memory step: attention {tuple(att.shape)}, positions {tuple(pos.shape)}, "
+            f"valid {tuple(valid.shape)}, query_positions {tuple(qpos.shape)}."
+        )
+    n_carry = config.carry
+    old_ema = _stored(ema, (b, h, t, config.n_spec), EMA_KEY, att)
+    old_carry = _stored(carry, (b, h, t, n_carry), CARRY_KEY, att)
+    pad = (-q) % config.hop
+
+    if q == 0:
+        new_ema, new_carry = old_ema, old_carry
+    else:
+        # Tokens born inside this step start from an empty state and carry, whatever the runtime stored.
+        old = (pos < qpos[0]).unsqueeze(-1)
+        old_ema = old_ema.masked_fill(~old, 0.0)
+        old_carry = old_carry.masked_fill(~old, 0.0)
+        signal = att.transpose(-1, -2).float()  # (B, H, T, Q)
+        series = torch.cat([old_carry, signal.new_zeros((b, h, t, pad)), signal], dim=-1)
+        spec = stft_magnitudes(series, config.n_fft, config.hop)  # (B, H, T, F, n_spec)
+        birth = torch.searchsorted(qpos.contiguous(), pos.contiguous())  # local query index; 0 for old tokens
+        birth_frame = torch.div(birth + pad, config.hop, rounding_mode="floor")
+        birth_frame = torch.where(old.squeeze(-1), torch.zeros_like(birth_frame), birth_frame)
+        new_ema = ema_update(spec, old_ema, birth_frame, config.frame_decay)
+        new_carry = series[..., -n_carry:].clone() if n_carry else series[..., :0].clone()
+
+    keep = valid.unsqueeze(-1)
+    new_ema = new_ema.masked_fill(~keep, 0.0)
+    new_carry = new_carry.masked_fill(~keep, 0.0)
+    if update_stats:
+        normaliser.update(new_ema, valid)
+
+    newest = newest_position(pos, valid)
+    age = torch.where(valid, newest - pos, 0).clamp(min=0) + config.recency_offset
+    features = torch.cat(
+        [recency_code(age, config.recency_dim, config.recency_max_freq), normaliser.normalise(new_ema)], dim=-1
+    )
+    return features.masked_fill(~keep, 0.0), new_ema, new_carry
+
+
+__all__ = [
+    "CARRY_KEY",
+    "EMA_KEY",
+    "FeatureNormaliser",
+    "ema_update",
+    "frame_weights",
+    "hann_window",
+    "newest_position",
+    "recency_code",
+    "stft_magnitudes",
+    "step_features",
+]

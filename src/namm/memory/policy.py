@@ -1,0 +1,260 @@
+"""The NAMM policy: features + BAM scores + threshold selection, with safetensors checkpoints.
+
+Selection (spec section 4): a score ``>= 0`` is kept, the newest token of every head is always kept and
+invalid slots are never kept. ``selection="per_head"`` keeps exactly that set per head.
+``selection="per_layer"`` is the reference rule: every head keeps as many tokens as the head with the most
+kept tokens, taking its highest-scored ones. Deliberate deviation: that count is the maximum over the heads
+of each batch row, not over the whole batch (the reference always runs batch size 1, where both agree), so
+batch rows (different prompts, or different population members) never influence each other's caches.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from namm.errors import NammError
+from namm.memory.bam import bam_scores, param_count
+from namm.memory.config import NAMMConfig
+from namm.memory.features import CARRY_KEY, EMA_KEY, FeatureNormaliser, newest_position, step_features
+from namm.policies.base import ALL_QUERIES, MemoryStep, Policy
+from namm.policies.selection import threshold_keep
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "namm-policy"
+FORMAT_VERSION = 1
+#: Folder of the checkpoints bundled with the package (``namm/checkpoints/<name>/``).
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+def bundled_checkpoints() -> list[str]:
+    """Names of the checkpoints shipped inside the package."""
+    if not BUNDLED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / CONFIG_FILE).is_file())
+
+
+def newest_mask(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``(B, H, T)`` bool: the valid slot with the largest position of every head."""
+    return valid & (positions == newest_position(positions, valid))
+
+
+def _as_vector(values: Any, n: int, what: str) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=torch.float32).detach().cpu()
+    if t.shape != (n,):
+        raise NammError(f"{what} must be a vector of {n} values, got shape {tuple(t.shape)}.")
+    if not torch.isfinite(t).all():
+        raise NammError(f"{what} contains NaN or infinite values.")
+    return t.clone()
+
+
+@dataclass(eq=False)
+class NAMM(Policy):
+    """Neural Attention Memory Model policy.
+
+    Attributes:
+        config: hyperparameters (:class:`NAMMConfig`).
+        params: flat parameter vector ``(n,)`` (zeros by default: every token is kept).
+        collect_stats: statistics-collection mode: every memory step merges the EMA features of the valid
+            tokens into the normalisation statistics and keeps every token.
+    """
+
+    name: ClassVar[str] = "namm"
+    query_window: ClassVar[int | None] = ALL_QUERIES
+
+    config: NAMMConfig = field(default_factory=NAMMConfig)
+    params: torch.Tensor | None = field(default=None, repr=False)
+    collect_stats: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.config, NAMMConfig):
+            raise NammError(f"NAMM: config must be a NAMMConfig, got {type(self.config).__name__}.")
+        n = self.n_params
+        self.params = torch.zeros(n) if self.params is None else _as_vector(self.params, n, "NAMM parameters")
+        self.normaliser = FeatureNormaliser(self.config.n_spec, self.config.norm_eps)
+        self.population: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ parameters
+    @property
+    def n_params(self) -> int:
+        return param_count(self.config)
+
+    def get_params(self) -> torch.Tensor:
+        """A copy of the ``(n,)`` float32 parameter vector."""
+        return self.params.clone()
+
+    def set_params(self, vector: Any) -> None:
+        """Replace the parameter vector (``(n,)``; tensor, array or list)."""
+        self.params = _as_vector(vector, self.n_params, "NAMM parameters")
+
+    def set_population(self, matrix: Any) -> None:
+        """Population mode: batch row ``b`` of every step is scored with ``matrix[b]`` (``(P, n)``)."""
+        t = torch.as_tensor(matrix, dtype=torch.float32).detach().cpu()
+        if t.dim() != 2 or t.shape[1] != self.n_params or t.shape[0] < 1:
+            raise NammError(f"A NAMM population must have shape (members, {self.n_params}), got {tuple(t.shape)}.")
+        if not torch.isfinite(t).all():
+            raise NammError("The NAMM population contains NaN or infinite values.")
+        self.population = t.clone()
+
+    def clear_population(self) -> None:
+        """Back to one parameter vector for every batch row."""
+        self.population = None
+
+    # ------------------------------------------------------------------ statistics
+    def freeze_stats(self) -> None:
+        """Freeze the normalisation statistics and leave statistics-collection mode."""
+        self.normaliser.freeze()
+        self.collect_stats = False
+
+    # ------------------------------------------------------------------ policy interface
+    def score(self, step: MemoryStep) -> torch.Tensor:
+        """``(B, H, T)`` BAM scores (``-inf`` for invalid slots); updates ``step.state`` EMA and carry."""
+        if self.collect_stats and self.normaliser.frozen:
+            raise NammError("NAMM: collect_stats is on but the normalisation statistics are frozen.")
+        params = self.params
+        if self.population is not None:
+            rows, batch = self.population.shape[0], step.valid.shape[0]
+            if rows != batch:
+                raise NammError(
+                    f"NAMM population has {rows} members but the batch has {batch} rows; "
+                    "run one population member per batch row."
+                )
+            params = self.population
+        features, ema, carry = step_features(
+            step,
+            self.config,
+            self.normaliser,
+            step.state.get(EMA_KEY),
+            step.state.get(CARRY_KEY),
+            update_stats=self.collect_stats,
+        )
+        step.state[EMA_KEY] = ema
+        step.state[CARRY_KEY] = carry
+        return bam_scores(features, step.valid, params, self.config, step.positions)
+
+    def keep(self, step: MemoryStep, scores: torch.Tensor) -> torch.Tensor:
+        """``(B, H, T)`` keep mask: non-negative scores (+ the newest token), per the selection mode."""
+        if self.collect_stats:
+            return step.valid.clone()
+        always = newest_mask(step.positions, step.valid) if self.config.always_keep_newest else None
+        per_layer = self.config.selection == "per_layer"
+        return threshold_keep(scores, step.valid, per_layer=per_layer, always=always)
+
+    def describe(self) -> str:
+        parts = [f"{self.n_params:,} params", f"{self.config.selection} selection", self.normaliser.describe()]
+        if self.population is not None:
+            parts.append(f"population of {self.population.shape[0]}")
+        if self.collect_stats:
+            parts.append("collecting statistics (keeps every token)")
+        return f"{self.name} ({', '.join(parts)})"
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (params, normalisation mu/sigma/count) to ``directory``."""
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            "normalisation_frozen": self.normaliser.frozen,
+        }
+        (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        tensors = {
+            "params": self.params.float().contiguous(),
+            "norm_mu": self.normaliser.mu.contiguous(),
+            "norm_sigma": self.normaliser.sigma.contiguous(),
+            "norm_count": torch.tensor(self.normaliser.count, dtype=torch.float64),
+        }
+        save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": FORMAT})
+        return path
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str | Path) -> NAMM:
+        """Load a checkpoint folder, or a bundled checkpoint by name (e.g. ``"smollm2-135m"``)."""
+        path = _resolve(name_or_dir)
+        meta = _read_meta(path / CONFIG_FILE)
+        config_file = path / CONFIG_FILE
+        try:
+            config = NAMMConfig.from_dict(meta["config"], strict=True)
+        except NammError as e:
+            raise NammError(f"{config_file}: {e}") from e
+        frozen = meta["normalisation_frozen"]
+        if not isinstance(frozen, bool):
+            raise NammError(f"{config_file}: 'normalisation_frozen' must be true or false.")
+        tensors = _read_tensors(path / WEIGHTS_FILE)
+        n, k = param_count(config), config.n_spec
+        expected = {"params": (n,), "norm_mu": (k,), "norm_sigma": (k,), "norm_count": ()}
+        weights_file = path / WEIGHTS_FILE
+        if set(tensors) != set(expected):
+            raise NammError(f"{weights_file}: expected tensors {sorted(expected)}, found {sorted(tensors)}.")
+        for key, shape in expected.items():
+            t = tensors[key]
+            if tuple(t.shape) != shape:
+                raise NammError(
+                    f"{weights_file}: tensor {key!r} has shape {tuple(t.shape)}, but the config in "
+                    f"{CONFIG_FILE} needs {shape}."
+                )
+            if not t.is_floating_point() or not torch.isfinite(t).all():
+                raise NammError(f"{weights_file}: tensor {key!r} must hold finite floating-point values.")
+        policy = cls(config=config, params=tensors["params"])
+        try:
+            policy.normaliser.load(tensors["norm_mu"], tensors["norm_sigma"], float(tensors["norm_count"]), frozen)
+        except NammError as e:
+            raise NammError(f"{weights_file}: {e}") from e
+        return policy
+
+
+def _resolve(name_or_dir: str | Path) -> Path:
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NammError(f"{path} is a file; pass the checkpoint folder holding {CONFIG_FILE} and {WEIGHTS_FILE}.")
+    name = str(name_or_dir)
+    if "/" not in name and "\\" not in name and (BUNDLED_DIR / name / CONFIG_FILE).is_file():
+        return BUNDLED_DIR / name
+    available = bundled_checkpoints()
+    listed = ", ".join(available) if available else "none are installed in this version of namm"
+    raise NammError(
+        f"No NAMM checkpoint {name!r}: it is neither a folder nor a bundled checkpoint name "
+        f"(bundled checkpoints: {listed})."
+    )
+
+
+def _read_meta(file: Path) -> dict[str, Any]:
+    if not file.is_file():
+        raise NammError(f"{file}: missing; a NAMM checkpoint folder needs {CONFIG_FILE} and {WEIGHTS_FILE}.")
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NammError(f"{file}: not valid JSON ({e}).") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise NammError(f'{file}: not a NAMM policy checkpoint (expected "format": "{FORMAT}").')
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise NammError(
+            f"{file}: unsupported format_version {meta.get('format_version')!r} (this namm reads {FORMAT_VERSION})."
+        )
+    missing = [k for k in ("config", "normalisation_frozen") if k not in meta]
+    if missing:
+        raise NammError(f"{file}: missing field(s) {', '.join(missing)}.")
+    return meta
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise NammError(f"{file}: missing; a NAMM checkpoint folder needs {CONFIG_FILE} and {WEIGHTS_FILE}.")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise NammError(f"{file}: cannot read the safetensors file ({e}).") from e
+
+
+__all__ = ["NAMM", "bundled_checkpoints", "newest_mask"]

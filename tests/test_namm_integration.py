@@ -1,0 +1,57 @@
+"""NAMM inside the runtime on a tiny random Llama: zero parameters reproduce the full cache."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import namm
+from conftest import random_prompt
+from namm.memory import NAMM, NAMMConfig, param_count, unflatten
+from namm.policies import Full
+
+
+def cosine_age_params() -> torch.Tensor:
+    """Score = cos(age) - 0.5 (BAM attention and residual zero, head reads the cos(age * 1) feature)."""
+    v = torch.zeros(param_count())
+    w = unflatten(v)
+    w["head_weight"][4, 0] = 1.0
+    w["head_bias"][0] = -0.5
+    return v
+
+
+def test_zero_params_reproduce_full_cache(llama, tokenizer):
+    prompt = random_prompt(90, seed=5)
+    ref = namm.generate(llama, tokenizer, prompt, Full(), max_new_tokens=12, delay=32, return_logits=True)
+    out = namm.generate(llama, tokenizer, prompt, NAMM(), max_new_tokens=12, delay=32, return_logits=True)
+    assert out.token_ids == ref.token_ids
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
+    assert len(out.stats.steps) > 0
+
+
+def test_scores_evict_and_state_follows_the_cache(llama, tokenizer):
+    policy = NAMM(NAMMConfig(selection="per_head"), params=cosine_age_params())
+    cache = namm.MemoryCache(llama, policy, delay=32)
+    ids = tokenizer(random_prompt(40, seed=6), return_tensors="pt").input_ids
+    llama.generate(ids, max_new_tokens=30, do_sample=False, past_key_values=cache)  # steps at 40 (Q=40), 64
+    layer = cache.managed[0]
+    expected = 1 + sum(math.cos(a) >= 0.5 for a in range(1, 40))  # first step: newest + cos(age) >= 0.5
+    first = cache.stats.steps[0]
+    assert first.n_seen == 40 and (first.kept == expected).all()
+    assert layer.state["namm_ema"].shape == (*layer.positions.shape, 17)
+    assert layer.state["namm_carry"].shape == (*layer.positions.shape, 16)
+    assert torch.isfinite(layer.state["namm_ema"]).all()
+    assert int(cache.kept_tokens().max()) < cache.get_seq_length()
+
+
+def test_population_rows_match_single_runs(llama, tokenizer):
+    prompt = random_prompt(70, seed=7)
+    vectors = torch.stack([torch.zeros(param_count()), cosine_age_params()])
+    pop = NAMM()
+    pop.set_population(vectors)
+    batch = namm.generate(llama, tokenizer, [prompt, prompt], pop, max_new_tokens=8, delay=32)
+    for r in range(2):
+        single = namm.generate(llama, tokenizer, prompt, NAMM(params=vectors[r]), max_new_tokens=8, delay=32)
+        assert batch.token_ids[r] == single.token_ids
+        assert [s["kept"][r] for s in batch.stats.steps] == [s["kept"][0] for s in single.stats.steps]
