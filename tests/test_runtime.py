@@ -188,3 +188,14 @@ def test_recomputed_attention_equals_eager_weights(tokenizer):
         ref = eager[layer][:, :, 32:48]  # (B, H_q, Q, T)
         ref = ref.view(1, 2, 2, 16, 48).mean(dim=2)
         torch.testing.assert_close(attn, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_question_agnostic_mode_compresses_before_the_question(llama, tokenizer):
+    context, question = random_prompt(70, seed=21), " " + random_prompt(9, seed=22)
+    out = namm.generate(llama, tokenizer, context, H2O(budget=20), max_new_tokens=3, delay=32, question=question)
+    steps = sorted({s["n_seen"] for s in out.stats.steps})
+    assert steps == [32, 64, 70]  # the forced step at the end of the context
+    assert out.stats.prompt_tokens == [79]
+    full = namm.generate(llama, tokenizer, context, Full(), max_new_tokens=3, delay=32, question=question)
+    joint = namm.generate(llama, tokenizer, context + question, Full(), max_new_tokens=3, delay=32)
+    assert full.token_ids == joint.token_ids

@@ -362,6 +362,12 @@ class MemoryCache(Cache):
         )
         self.stats.peak_bytes = max(self.stats.peak_bytes, self._bytes_total + others)
 
+    def compress_now(self) -> None:
+        """Run a memory step in every managed layer now, off the ``delay`` cadence (question-agnostic mode)."""
+        for layer in self.managed:
+            if layer.is_initialized and layer.n_seen > layer.last_step:
+                layer.memory_step()
+
     def kv_bytes(self) -> int:
         """Bytes of key/value storage in every layer now (padding slots included)."""
         return sum(

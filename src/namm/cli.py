@@ -157,6 +157,127 @@ def policies() -> None:
     Console().print(table)
 
 
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _samples(task_name: str, tok, n: int, seed: int, max_length: int | None, offset: int, truncate: bool):
+    from namm.tasks import get_task  # noqa: PLC0415
+
+    options = {} if truncate else {"truncate": False}
+    try:
+        task = get_task(task_name, **options)
+    except TypeError:
+        task = get_task(task_name)
+    return task, task.samples(n, seed=seed, length=max_length, tokenizer=tok, offset=offset)
+
+
+def _summary_table(title: str, rows: list[dict]) -> Table:
+    table = Table(title=title)
+    for col in ("policy", "budget", "score", "vs full", "mean KV tokens", "cache", "peak KV tokens", "s/sample"):
+        table.add_column(col, justify="left" if col in ("policy", "budget") else "right")
+    for r in rows:
+        table.add_row(r["policy"], r["budget"], f"{r['score']:.1f}", f"{r['relative']:.2f}",
+                      f"{r['mean_kv_tokens']:.0f}", f"{r['cache_fraction']:.0%}", str(r["peak_kv_tokens"]),
+                      f"{r['seconds']:.1f}")
+    return table
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option("smollm2-135m", help="Bundled name, hub id or local directory."),
+    policy: str = typer.Option("full"),
+    budget: str = typer.Option(None, help="Tokens per head or fraction."),
+    option: list[str] = typer.Option([], "--option", "-o", help="Policy option key=value (repeatable)."),
+    namm_checkpoint: str = typer.Option(None),
+    task: str = typer.Option(..., help="Task name (see namm.tasks.list_tasks())."),
+    samples: int = typer.Option(10),
+    max_length: int = typer.Option(2048, help="Prompt length in tokens (synthetic) / truncation limit (LongBench)."),
+    seed: int = typer.Option(0),
+    offset: int = typer.Option(0, help="Skip this many samples of the seeded order."),
+    no_truncate: bool = typer.Option(False, help="Refuse prompts over --max-length instead of truncating."),
+    delay: int = typer.Option(512),
+    chunk_size: int = typer.Option(None),
+    question_agnostic: bool = typer.Option(False, help="Compress the context before appending the question."),
+    out: Path = typer.Option(Path("runs/eval"), help="Output directory (resumes from its JSON lines)."),
+) -> None:
+    """Evaluate one policy on a task; one JSON line per sample in OUT, resumable."""
+
+    def body():
+        import namm  # noqa: PLC0415
+        from namm.harness import Entry, evaluate  # noqa: PLC0415
+
+        pol = build_policy(policy, budget, option, namm_checkpoint)
+        mdl, tok = namm.load_model(model)
+        tsk, items = _samples(task, tok, samples, seed, max_length, offset, not no_truncate)
+        label = policy.lower() + (f"@{budget}" if budget else "")
+        file = out / f"{tsk.name}__{label}.jsonl"
+        records = evaluate(mdl, tok, tsk, pol, items, out_file=file, delay=delay, chunk_size=chunk_size,
+                           question_agnostic=question_agnostic, label=label)
+        entry = Entry(label, policy.lower(), budget or "-", records)
+        row = entry.summary({r["id"]: r["score"] for r in records})
+        row["relative"] = float("nan")
+        Console().print(_summary_table(f"{tsk.name}: {len(records)} samples -> {file}", [row]))
+
+    _run(body)
+
+
+@app.command()
+def compare(
+    model: str = typer.Option("smollm2-135m"),
+    task: str = typer.Option("passkey", help="Task name, or several separated by commas."),
+    policies: str = typer.Option("full,streaming,h2o,l2,snapkv,random", help="Comma-separated policy names."),
+    budget: str = typer.Option("0.25", help="Budget(s) for the baselines, comma-separated (tokens or fractions)."),
+    match_budget: str = typer.Option(None, help="'namm': give each baseline the cache size NAMM reached."),
+    namm_checkpoint: str = typer.Option(None),
+    samples: int = typer.Option(8),
+    max_length: int = typer.Option(2048),
+    seed: int = typer.Option(0),
+    offset: int = typer.Option(0),
+    delay: int = typer.Option(512),
+    chunk_size: int = typer.Option(None),
+    question_agnostic: bool = typer.Option(False),
+    out: Path = typer.Option(Path("runs/compare")),
+) -> None:
+    """Compare policies on the same samples: table, results.json and a score-vs-cache plot."""
+
+    def body():
+        import namm  # noqa: PLC0415
+        from namm.harness import compare as run_compare  # noqa: PLC0415
+
+        names = _split(policies)
+        budgets = [parse_budget(b) for b in _split(budget)]
+        namm_pol = build_policy("namm", None, [], namm_checkpoint) if "namm" in names else None
+        mdl, tok = namm.load_model(model)
+        for task_name in _split(task):
+            tsk, items = _samples(task_name, tok, samples, seed, max_length, offset, True)
+            rows = run_compare(mdl, tok, tsk, items, names, budgets, out, match_budget=match_budget,
+                               namm_policy=namm_pol, delay=delay, chunk_size=chunk_size,
+                               question_agnostic=question_agnostic)
+            Console().print(_summary_table(f"{tsk.name} @ {max_length} tokens, {len(items)} samples", rows))
+            console.print(f"[dim]wrote {out}/{tsk.name}__results.json and .png[/]")
+
+    _run(body)
+
+
+@app.command()
+def demo(
+    model: str = typer.Option("smollm2-135m"),
+    length: int = typer.Option(2048, help="Passkey prompt length in tokens."),
+    budget: str = typer.Option("0.25"),
+    samples: int = typer.Option(4),
+    delay: int = typer.Option(512),
+    out: Path = typer.Option(Path("runs/demo")),
+) -> None:
+    """The main job: compare every policy on passkey prompts at one budget and print the table."""
+    from namm.memory import bundled_checkpoints  # noqa: PLC0415
+
+    names = "full,streaming,h2o,l2,snapkv,random" + (",namm" if model in bundled_checkpoints() else "")
+    compare(model=model, task="passkey", policies=names, budget=budget, match_budget=None,
+            namm_checkpoint=model if "namm" in names else None, samples=samples, max_length=length, seed=0,
+            offset=0, delay=delay, chunk_size=None, question_agnostic=False, out=out)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -156,6 +156,7 @@ def generate(
     seed: int = 0,
     return_logits: bool = False,
     ignore_eos: bool = False,
+    question: str | None = None,
 ) -> GenerationResult:
     """Generate with a KV cache managed by ``policy``.
 
@@ -171,6 +172,8 @@ def generate(
         do_sample, temperature, top_p, seed: sampling (greedy by default).
         return_logits: also return the logits of every generated token.
         ignore_eos: always generate ``max_new_tokens`` tokens (benchmarks).
+        question: question-agnostic mode (as in kvpress): ``prompt`` is the context; it is prefilled and
+            compressed by a memory step in every layer before ``question`` is appended and answered.
 
     Returns:
         A :class:`GenerationResult` with the text, the generated ids and :class:`GenerationStats`.
@@ -181,6 +184,13 @@ def generate(
     if max_new_tokens < 0:
         raise NammError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
     input_ids, mask, batched = _encode(tokenizer, prompt)
+    context_len = input_ids.shape[1]
+    if question is not None:
+        if batched or not question.strip():
+            raise NammError("question= needs a single prompt (the context) and a non-empty question string.")
+        q_ids = tokenizer(question, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        input_ids = torch.cat([input_ids, q_ids], dim=1)
+        mask = torch.ones_like(input_ids)
     b, n = input_ids.shape
     if n == 0:
         raise NammError("Empty prompt: it has no tokens.")
@@ -214,8 +224,12 @@ def generate(
     start = 0
     while start < n:
         end = min(n, (start // chunk_size + 1) * chunk_size)
+        if start < context_len < end and question is not None:
+            end = context_len
         logits = forward(input_ids[:, start:end], start)
         start = end
+        if question is not None and start == context_len:
+            cache.compress_now()
     prefill_seconds = time.perf_counter() - t0
 
     eos = set() if ignore_eos else _eos_ids(model, tokenizer)

@@ -1,0 +1,222 @@
+"""The evaluation harness: run a policy on a task's samples (resumable JSON lines), compare policies.
+
+``evaluate`` writes one JSON line per sample and skips samples already in the file, so an interrupted
+run resumes where it stopped. ``compare`` runs several policies (optionally at several budgets, or at
+the cache size a NAMM reached sample by sample) on the same samples and summarises them against the
+full cache on those samples.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from namm.engine import generate
+from namm.errors import NammError
+from namm.policies import Full, Policy, make_policy
+from namm.tasks import Sample, Task
+
+
+def progress_bar(disable: bool = False) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        disable=disable, transient=False,
+    )
+
+
+def mean_kept_after_steps(stats) -> float | None:
+    """Mean tokens per head right after the memory steps (what a fixed budget corresponds to), or None."""
+    if not stats.steps:
+        return None
+    return statistics.fmean(v for s in stats.steps for row in s["kept"] for v in row)
+
+
+def run_sample(model, tokenizer, task: Task, sample: Sample, policy: Policy, *, delay: int,
+               chunk_size: int | None, question_agnostic: bool) -> dict:
+    """Generate for one sample and score it; returns the JSON-able record."""
+    if question_agnostic and sample.context is None:
+        raise NammError(f"Sample {sample.id} of {task.name} has no context/question split for question-agnostic mode.")
+    out = generate(
+        model, tokenizer, sample.context if question_agnostic else sample.prompt, policy,
+        max_new_tokens=sample.max_new_tokens, delay=delay, chunk_size=chunk_size,
+        question=sample.question if question_agnostic else None,
+    )
+    s = out.stats
+    return {
+        "id": sample.id,
+        "task": task.name,
+        "policy": policy.describe(),
+        "prediction": out.text,
+        "answers": sample.answers,
+        "score": task.score(out.text, sample),
+        "prompt_tokens": s.prompt_tokens[0],
+        "kept_tokens": s.kept_tokens,
+        "mean_kept_tokens": mean_kept_after_steps(s),
+        "mean_kv_tokens": s.mean_kv_tokens,
+        "cache_fraction": s.cache_fraction,
+        "peak_kv_tokens": s.peak_kv_tokens,
+        "peak_kv_bytes": s.peak_kv_bytes,
+        "seconds": s.seconds,
+    }
+
+
+def read_records(path: Path) -> list[dict]:
+    """Read a JSON-lines file, dropping (and truncating away) a torn last line from an interrupted write."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines(keepends=True)
+    records, good = [], 0
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+        good += len(line.encode())
+    if len(records) < len(lines):
+        with path.open("r+b") as f:
+            f.truncate(good)
+    return records
+
+
+def evaluate(
+    model, tokenizer, task: Task, policy: Policy | Callable[[Sample], Policy], samples: Sequence[Sample], *,
+    out_file: Path | None = None, delay: int = 512, chunk_size: int | None = None,
+    question_agnostic: bool = False, progress: bool = True, label: str | None = None,
+) -> list[dict]:
+    """Evaluate a policy (or a per-sample policy factory) on samples; resumable through ``out_file``."""
+    done = {r["id"]: r for r in read_records(out_file)} if out_file else {}
+    records = []
+    out_file and out_file.parent.mkdir(parents=True, exist_ok=True)
+    with progress_bar(disable=not progress) as bar:
+        job = bar.add_task(label or task.name, total=len(samples))
+        for sample in samples:
+            if sample.id in done:
+                records.append(done[sample.id])
+                bar.advance(job)
+                continue
+            pol = policy(sample) if callable(policy) and not isinstance(policy, Policy) else policy
+            record = run_sample(model, tokenizer, task, sample, pol, delay=delay, chunk_size=chunk_size,
+                                question_agnostic=question_agnostic)
+            if out_file:
+                with out_file.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            records.append(record)
+            bar.advance(job)
+    return records
+
+
+@dataclass
+class Entry:
+    """One row of a comparison: a policy at one budget, over the shared samples."""
+
+    label: str
+    policy: str
+    budget: str
+    records: list[dict]
+
+    def summary(self, full: dict[str, float]) -> dict:
+        scores = [r["score"] for r in self.records]
+        ref = [full[r["id"]] for r in self.records]
+        mean, ref_mean = statistics.fmean(scores), statistics.fmean(ref)
+        return {
+            "label": self.label,
+            "policy": self.policy,
+            "budget": self.budget,
+            "score": 100 * mean,
+            "relative": mean / ref_mean if ref_mean > 0 else float("nan"),
+            "mean_kv_tokens": statistics.fmean(r["mean_kv_tokens"] for r in self.records),
+            "cache_fraction": statistics.fmean(r["cache_fraction"] for r in self.records),
+            "peak_kv_tokens": max(r["peak_kv_tokens"] for r in self.records),
+            "seconds": statistics.fmean(r["seconds"] for r in self.records),
+            "samples": len(self.records),
+        }
+
+
+def compare(
+    model, tokenizer, task: Task, samples: Sequence[Sample], policies: Sequence[str], budgets: Sequence[int | float],
+    out_dir: Path, *, match_budget: str | None = None, namm_policy: Policy | None = None, delay: int = 512,
+    chunk_size: int | None = None, question_agnostic: bool = False, progress: bool = True,
+) -> list[dict]:
+    """Run ``policies`` on the same samples; write per-run JSON lines, ``results.json`` and ``results.png``.
+
+    Baselines run at every budget in ``budgets``; with ``match_budget="namm"`` they instead get, sample by
+    sample, the mean cache size the NAMM kept after its memory steps. Scores are reported absolute (x100)
+    and relative to the full cache on the same samples.
+    """
+    names = [p.lower() for p in policies]
+    if "full" not in names:
+        names = ["full", *names]
+    common = dict(delay=delay, chunk_size=chunk_size, question_agnostic=question_agnostic, progress=progress)
+    entries: list[Entry] = []
+
+    def run(label: str, policy, budget: str) -> Entry:
+        file = out_dir / f"{task.name}__{label}.jsonl"
+        records = evaluate(model, tokenizer, task, policy, samples, out_file=file, label=label, **common)
+        entry = Entry(label, label.split("@")[0], budget, records)
+        entries.append(entry)
+        return entry
+
+    full = run("full", Full(), "100%")
+    namm_entry = None
+    if "namm" in names:
+        if namm_policy is None:
+            raise NammError("compare: the namm policy needs a checkpoint (--namm-checkpoint).")
+        namm_entry = run("namm", namm_policy, "learned")
+    if match_budget is not None and match_budget != "namm":
+        raise NammError(f"--match-budget only supports 'namm', got {match_budget!r}.")
+    if match_budget == "namm" and namm_entry is None:
+        raise NammError("--match-budget namm needs namm among --policies.")
+    for name in names:
+        if name in ("full", "namm"):
+            continue
+        if match_budget == "namm":
+            matched = {r["id"]: r["mean_kept_tokens"] for r in namm_entry.records}
+
+            def factory(sample, name=name, matched=matched):
+                kept = matched[sample.id]
+                return Full() if kept is None else make_policy(name, budget=max(1, round(kept)))
+
+            run(f"{name}@namm", factory, "matched to namm")
+        else:
+            for budget in budgets:
+                label = f"{name}@{budget}"
+                run(label, make_policy(name, budget=budget), str(budget))
+    reference = {r["id"]: r["score"] for r in full.records}
+    summary = [e.summary(reference) for e in entries]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{task.name}__results.json").write_text(json.dumps(
+        {"task": task.name, "samples": [s.id for s in samples], "delay": delay, "results": summary}, indent=2
+    ))
+    plot_comparison(summary, out_dir / f"{task.name}__results.png", title=f"{task.name} ({len(samples)} samples)")
+    return summary
+
+
+def plot_comparison(summary: list[dict], path: Path, title: str) -> None:
+    """Score against mean cache fraction: one curve (over budgets) or point per policy."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    by_policy: dict[str, list[dict]] = {}
+    for row in summary:
+        by_policy.setdefault(row["policy"], []).append(row)
+    for policy, rows in by_policy.items():
+        rows = sorted(rows, key=lambda r: r["cache_fraction"])
+        style = "*" if policy in ("namm", "full") else "o-"
+        ax.plot([r["cache_fraction"] for r in rows], [r["score"] for r in rows], style, label=policy, markersize=9)
+    ax.set_xlabel("mean KV cache / full cache")
+    ax.set_ylabel("score (x100)")
+    ax.set_xlim(0, 1.05)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
