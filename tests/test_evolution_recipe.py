@@ -1,0 +1,123 @@
+"""Recipe schema: parsing, defaults, round trip and clear errors naming the bad field."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from namm.errors import NammError
+from namm.evolution import Recipe, TaskSpec, load_recipe
+
+GOOD = {
+    "model": "smollm2-135m",
+    "policy": {"hidden": 32, "bias": True},
+    "seed": 4,
+    "population": 8,
+    "samples_per_task": 2,
+    "diagonal": True,
+    "delay": 256,
+    "chunk_size": 64,
+    "cache_weight": 0.1,
+    "members_per_batch": 4,
+    "backend": "ray",
+    "ray": {"address": "auto", "num_workers": 2},
+    "stages": [
+        {"name": "one", "generations": 3, "tasks": [{"name": "passkey", "options": {"length": 2048, "depth": 0.5}}]},
+        {"name": "two", "generations": 2, "tasks": ["passkey", {"name": "qa"}]},
+    ],
+    "validation": {"every": 2, "samples": 5, "seed": 9, "tasks": ["qa"]},
+}
+
+
+def test_load_roundtrip(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(GOOD))
+    r = load_recipe(path)
+    assert r.model == "smollm2-135m" and r.population == 8 and r.diagonal and r.backend == "ray"
+    assert r.ray.num_workers == 2 and r.ray.address == "auto" and r.ray.num_gpus_per_worker == 0.0
+    assert [s.name for s in r.stages] == ["one", "two"] and r.total_generations == 5
+    assert r.stages[0].tasks[0] == TaskSpec("passkey", {"length": 2048, "depth": 0.5})
+    assert r.stages[1].tasks[0] == TaskSpec("passkey", {})
+    assert r.validation.tasks[0].name == "qa" and r.validation_seed == 9
+    assert Recipe.from_dict(r.to_dict()) == r
+    assert Recipe.from_dict(yaml.safe_load(r.to_yaml())) == r
+
+
+def test_defaults():
+    r = Recipe.from_dict({"model": "m", "stages": [{"name": "s", "generations": 1, "tasks": ["t"]}]})
+    assert (r.population, r.samples_per_task, r.sigma0, r.seed) == (32, 64, 0.065, 0)
+    assert (r.delay, r.chunk_size, r.cache_weight, r.members_per_batch) == (512, 128, 0.0, 1)
+    assert r.backend == "local" and not r.diagonal and r.validation is None and r.policy == {}
+
+
+def test_task_key_roundtrip():
+    t = TaskSpec("needle", {"length": 4096, "depth": 0.25})
+    assert t.key == 'needle:{"depth":0.25,"length":4096}'
+    assert TaskSpec.from_key(t.key) == t
+    assert TaskSpec("qa").key == "qa" and TaskSpec.from_key("qa") == TaskSpec("qa")
+
+
+_DELETE = object()
+
+
+def _with(path: str, value):
+    data = copy.deepcopy(GOOD)
+    node = data
+    parts = path.split(".")
+    for p in parts[:-1]:
+        node = node[int(p)] if isinstance(node, list) else node[p]
+    if value is _DELETE:
+        del node[parts[-1]]
+    else:
+        node[parts[-1]] = value
+    return data
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("model", _DELETE, "'model' is required"),
+        ("model", 3, "'model'"),
+        ("population", 1, "'population'"),
+        ("population", 4.5, "'population'"),
+        ("samples_per_task", True, "'samples_per_task'"),
+        ("sigma0", -1, "'sigma0'"),
+        ("diagonal", "yes", "'diagonal'"),
+        ("backend", "slurm", "'backend'"),
+        ("cache_weight", -0.5, "'cache_weight'"),
+        ("members_per_batch", 9, "'members_per_batch'"),
+        ("policy", [1, 2], "'policy'"),
+        ("popsize", 8, "'popsize' is unknown"),
+        ("stages", [], "'stages'"),
+        ("stages.0.generations", 0, "'stages[0].generations'"),
+        ("stages.1.name", "one", "stage names must be unique"),
+        ("stages.0.tasks", [], "'stages[0].tasks'"),
+        ("stages.0.tasks.0.options", {"length": float("nan")}, "'stages[0].tasks[0].options'"),
+        ("stages.0.tasks.0.name", "a:b", "'stages[0].tasks[0].name'"),
+        ("stages.1.tasks", ["qa", "qa"], "listed twice"),
+        ("stages.0.extra", 1, "'stages[0].extra' is unknown"),
+        ("ray.num_workers", 0, "'ray.num_workers'"),
+        ("ray.adress", "x", "'ray.adress' is unknown"),
+        ("validation.every", 0, "'validation.every'"),
+        ("validation.seed", 4, "'validation.seed'"),
+        ("validation.tasks", [], "'validation.tasks'"),
+    ],
+)
+def test_bad_recipes_name_the_field(path, value, message):
+    with pytest.raises(NammError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        Recipe.from_dict(_with(path, value))
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(NammError, match="Cannot read recipe"):
+        load_recipe(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(NammError, match="not valid YAML"):
+        load_recipe(bad)
+    notmap = tmp_path / "list.yaml"
+    notmap.write_text("- 1\n- 2\n")
+    with pytest.raises(NammError, match=r"list.yaml: the recipe: expected a mapping"):
+        load_recipe(notmap)

@@ -1,0 +1,97 @@
+"""The evaluation harness and the eval/compare commands (tiny model, fast)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import random_prompt
+from typer.testing import CliRunner
+
+from namm.cli import app
+from namm.errors import NammError
+from namm.harness import compare, evaluate, read_records
+from namm.policies import H2O, Full
+from namm.tasks import Sample, Task
+
+
+class EchoTask(Task):
+    """Tiny task over the word tokenizer: any non-empty answer scores 1 unless it names the prompt's first word."""
+
+    name = "echo"
+    metric_name = "contains"
+    max_new_tokens = 4
+
+    def samples(self, n, *, seed=0, length=None, tokenizer=None, depth=None, offset=0):
+        out = []
+        for i in range(offset, offset + n):
+            p = random_prompt(length or 60, seed=seed * 1000 + i)
+            out.append(Sample(str(i), self.name, p, [p.split()[0]], self.max_new_tokens,
+                              context=p[:-4], question=p[-4:]))
+        return out
+
+    def score(self, prediction, sample):
+        return 0.5 if sample.answers[0] in prediction else float(bool(prediction.strip()))
+
+
+def test_eval_resumes_without_duplicating(llama, tokenizer, tmp_path):
+    task = EchoTask()
+    samples = task.samples(4, length=50)
+    out = tmp_path / "echo.jsonl"
+    evaluate(llama, tokenizer, task, Full(), samples[:2], out_file=out, delay=16, progress=False)
+    with out.open("a") as f:
+        f.write('{"id": "torn')  # an interrupted write
+    records = evaluate(llama, tokenizer, task, Full(), samples, out_file=out, delay=16, progress=False)
+    on_disk = read_records(out)
+    assert [r["id"] for r in on_disk] == ["0", "1", "2", "3"]
+    assert [r["id"] for r in records] == ["0", "1", "2", "3"]
+    assert all(set(r) >= {"prediction", "answers", "score", "kept_tokens", "seconds"} for r in on_disk)
+
+
+def test_compare_full_against_itself_is_exactly_one(llama, tokenizer, tmp_path):
+    task = EchoTask()
+    samples = task.samples(3, length=70)
+    rows = compare(llama, tokenizer, task, samples, ["full", "h2o"], [0.5], tmp_path, delay=16, progress=False)
+    by = {r["label"]: r for r in rows}
+    assert by["full"]["score"] > 0 and by["full"]["relative"] == 1.0
+    assert by["h2o@0.5"]["cache_fraction"] < by["full"]["cache_fraction"] == 1.0
+    saved = json.loads((tmp_path / "echo__results.json").read_text())
+    assert [r["label"] for r in saved["results"]] == ["full", "h2o@0.5"]
+    assert (tmp_path / "echo__results.png").stat().st_size > 1000
+
+
+def test_match_budget_gives_baselines_the_namm_cache(llama, tokenizer, tmp_path):
+    import namm
+
+    task = EchoTask()
+    samples = task.samples(2, length=80)
+    policy = namm.NAMM()
+    policy.set_params(__import__("torch").randn(policy.n_params) * 0.5)
+    rows = compare(llama, tokenizer, task, samples, ["namm", "h2o"], [], tmp_path, match_budget="namm",
+                   namm_policy=policy, delay=16, progress=False)
+    namm_recs = read_records(tmp_path / "echo__namm.jsonl")
+    h2o_recs = read_records(tmp_path / "echo__h2o@namm.jsonl")
+    for a, b in zip(namm_recs, h2o_recs, strict=True):
+        assert abs(a["mean_kept_tokens"] - b["mean_kept_tokens"]) <= 1.0 or a["mean_kept_tokens"] < 1
+    assert {r["label"] for r in rows} == {"full", "namm", "h2o@namm"}
+
+
+def test_question_agnostic_needs_a_split(llama, tokenizer, tmp_path):
+    task = EchoTask()
+    bad = Sample("x", "echo", random_prompt(20), ["w3"], 2)
+    with pytest.raises(NammError, match="question-agnostic"):
+        evaluate(llama, tokenizer, task, H2O(budget=4), [bad], question_agnostic=True, progress=False)
+    rec = evaluate(llama, tokenizer, task, H2O(budget=8), task.samples(1, length=40), delay=16,
+                   question_agnostic=True, progress=False)
+    assert rec[0]["prompt_tokens"] > 30
+
+
+def test_cli_bad_input_is_one_clear_line(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", "--task", "no_such_task", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "Unknown task" in res.output and "Traceback" not in res.output
+    assert not any(tmp_path.iterdir())  # nothing half-written
+    res = runner.invoke(app, ["generate", "--policy", "lru", "--prompt", "hi"])
+    assert res.exit_code == 2 and "Unknown policy" in res.output
+    res = runner.invoke(app, ["generate", "--policy", "h2o", "--budget", "zero", "--prompt", "hi"])
+    assert res.exit_code == 2 and "--budget" in res.output
