@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import random_prompt
 from typer.testing import CliRunner
 
+from conftest import random_prompt
 from namm.cli import app
 from namm.errors import NammError
 from namm.harness import compare, evaluate, read_records
