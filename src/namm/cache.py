@@ -168,6 +168,7 @@ class EvictingLayer(DynamicLayer):
         self.state = {k: v[idx] for k, v in self.state.items()}
         if self.queries is not None:
             self.queries = self.queries[idx]
+        self.owner._account(self)
 
     # --- called by namm.attention --------------------------------------------------------------
     def observe_padding(self, attention_mask: torch.Tensor | None, q: int) -> None:
@@ -212,9 +213,13 @@ class EvictingLayer(DynamicLayer):
             self.queries = query if self.queries is None else torch.cat([self.queries, query], dim=2)
             if window != ALL_QUERIES and self.queries.shape[2] > window:
                 self.queries = self.queries[:, :, -window:]
-        delay = self.owner.delay
-        if self.n_seen // delay > self.last_step // delay:
+        if not self.owner.defer_steps and self.step_due():
             self.memory_step()
+
+    def step_due(self) -> bool:
+        """Whether the absolute token count reached or crossed a multiple of ``delay`` since the last step."""
+        delay = self.owner.delay
+        return self.n_seen // delay > self.last_step // delay
 
     # --- the memory step ---------------------------------------------------------------------------
     def recent_attention(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,6 +347,7 @@ class MemoryCache(Cache):
         super().__init__(layers=layers)
         self.policy = policy
         self.delay = delay
+        self.defer_steps = False  # hold memory steps back (shared population prefix); see run_due_steps
         self.stats = CacheStats()
         self._bytes_total = 0
         clear_pending()
@@ -361,6 +367,12 @@ class MemoryCache(Cache):
             if not isinstance(lay, EvictingLayer) and getattr(lay, "is_initialized", False)
         )
         self.stats.peak_bytes = max(self.stats.peak_bytes, self._bytes_total + others)
+
+    def run_due_steps(self) -> None:
+        """Run the memory steps that :attr:`defer_steps` held back."""
+        for layer in self.managed:
+            if layer.is_initialized and layer.step_due():
+                layer.memory_step()
 
     def compress_now(self) -> None:
         """Run a memory step in every managed layer now, off the ``delay`` cadence (question-agnostic mode)."""

@@ -278,6 +278,65 @@ def demo(
             offset=0, delay=delay, chunk_size=None, question_agnostic=False, out=out)
 
 
+@app.command()
+def evolve(
+    config: Path = typer.Option(..., "--config", help="Recipe YAML (see docs/evolution.md)."),
+    run_dir: Path = typer.Option(None, help="Run directory (default: runs/<recipe name>)."),
+    resume: Path = typer.Option(None, help="Resume the run in this directory from its last finished generation."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Evolve a NAMM with CMA-ES; checkpoints, logs and plots go to the run directory."""
+
+    def body():
+        from namm.evolution import evolve as run_evolution  # noqa: PLC0415
+        from namm.evolution.lm import (  # noqa: PLC0415
+            LMEvaluator,
+            LMEvaluatorFactory,
+            checkpoint_writer,
+            prepare_normalisation,
+        )
+        from namm.evolution.recipe import load_recipe  # noqa: PLC0415
+
+        if not config.exists():
+            raise NammError(f"--config {config} does not exist.")
+        recipe = load_recipe(config)
+        directory = resume or run_dir or Path("runs") / config.stem
+        if recipe.backend == "ray":
+            factory = LMEvaluatorFactory(recipe.to_dict(), str(directory))
+            evaluator = None
+        else:
+            evaluator = LMEvaluator(recipe, directory)
+            factory = lambda: evaluator  # noqa: E731 - one model replica in this process
+
+        def prepare(path: Path) -> None:
+            console.print("[dim]gathering normalisation statistics on full-cache runs...[/]")
+            prepare_normalisation(recipe, path, evaluator=evaluator)
+
+        result = run_evolution(recipe, directory, resume is not None, factory, progress=progress, prepare=prepare,
+                               save_checkpoint=checkpoint_writer(recipe, directory))
+        console.print(
+            f"done: {result.generations} generations in {directory}; best validation {result.best_validation} "
+            f"(generation {result.best_generation}); sigma {result.sigma:.4f}"
+        )
+
+    _run(body)
+
+
+@app.command("evolve-plot")
+def evolve_plot(run_dir: Path = typer.Argument(..., help="Run directory."), out: Path = typer.Option(None)) -> None:
+    """Plot a run's fitness and cache-size curves (PNG)."""
+
+    def body():
+        from namm.evolution.plot import plot_run  # noqa: PLC0415
+
+        if not (run_dir / "log.jsonl").exists():
+            raise NammError(f"{run_dir} has no log.jsonl; is it an evolution run directory?")
+        path = plot_run(run_dir, out or run_dir / "fitness.png")
+        console.print(f"wrote {path}")
+
+    _run(body)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -33,6 +33,7 @@ class GenerationStats:
         kept_tokens: ``[layer][head]`` valid tokens at the end, averaged over rows.
         steps: one entry per memory step and layer: ``layer``, ``n_seen``, ``kept`` (``[row][head]``).
         mean_kv_tokens: token-weighted mean over forward calls of the mean tokens per managed head.
+        row_mean_kv_tokens: the same per batch row (per population member with ``copies``).
         peak_kv_tokens: most tokens any managed head held (just before an eviction).
         full_kv_tokens: tokens a full cache would hold at the end (prompt + generated, longest row).
         kv_bytes / mean_kv_bytes / peak_kv_bytes: key-value storage of all layers, padding included.
@@ -46,6 +47,7 @@ class GenerationStats:
     kept_tokens: list[list[float]]
     steps: list[dict]
     mean_kv_tokens: float
+    row_mean_kv_tokens: list[float]
     peak_kv_tokens: int
     full_kv_tokens: int
     kv_bytes: int
@@ -65,6 +67,11 @@ class GenerationStats:
         """Mean cache size relative to a full cache over the same forward calls."""
         return self.mean_kv_tokens / max(self._mean_full_tokens, 1e-9)
 
+    @property
+    def row_cache_fraction(self) -> list[float]:
+        """:attr:`cache_fraction` per batch row."""
+        return [t / max(self._mean_full_tokens, 1e-9) for t in self.row_mean_kv_tokens]
+
     _mean_full_tokens: float = field(default=0.0, repr=False)
 
     def to_dict(self) -> dict:
@@ -72,6 +79,7 @@ class GenerationStats:
         out.pop("_mean_full_tokens")
         out["seconds"] = self.seconds
         out["cache_fraction"] = self.cache_fraction
+        out["row_cache_fraction"] = self.row_cache_fraction
         return out
 
 
@@ -91,10 +99,17 @@ class _Meter:
     def __init__(self, cache: MemoryCache):
         self.cache = cache
         self.tokens = self.full = self.bytes = self.weight = 0.0
+        self.row_tokens: torch.Tensor | None = None  # (B,) token-weighted sum of mean tokens per head
         self.peak_tokens = 0
 
     def record(self, processed: int, n_seen: int) -> None:
-        kept = self.cache.kept_tokens().float()
+        kept = self.cache.kept_tokens().float()  # (L, B, H)
+        rows = kept.mean(dim=(0, 2)).cpu() * processed
+        if self.row_tokens is not None and self.row_tokens.shape == rows.shape:
+            rows = rows + self.row_tokens
+        elif self.row_tokens is not None:  # the batch grew (shared prefix copied to every row)
+            rows = rows + self.row_tokens.mean()
+        self.row_tokens = rows
         self.tokens += kept.mean().item() * processed
         self.full += n_seen * processed
         self.bytes += self.cache.kv_bytes() * processed
@@ -157,6 +172,7 @@ def generate(
     return_logits: bool = False,
     ignore_eos: bool = False,
     question: str | None = None,
+    copies: int = 1,
 ) -> GenerationResult:
     """Generate with a KV cache managed by ``policy``.
 
@@ -168,16 +184,20 @@ def generate(
         max_new_tokens: generation length cap (EOS stops a row earlier).
         delay: a memory step runs every ``delay`` tokens, counted by absolute position (prefill and decoding).
         chunk_size: prefill chunk length; chunks end on absolute multiples of it. Must divide ``delay``.
-            Defaults to ``delay``.
+            Defaults to ``delay``, or to the whole prompt for a policy that never evicts (``Full``).
         do_sample, temperature, top_p, seed: sampling (greedy by default).
         return_logits: also return the logits of every generated token.
         ignore_eos: always generate ``max_new_tokens`` tokens (benchmarks).
         question: question-agnostic mode (as in kvpress): ``prompt`` is the context; it is prefilled and
             compressed by a memory step in every layer before ``question`` is appended and answered.
+        copies: run one prompt as a batch of ``copies`` identical rows, e.g. one per member of a NAMM
+            population (``NAMM.set_population``). The prefix before the first memory step is the same for
+            every row, so it is computed once and its cache copied to every row.
 
     Returns:
         A :class:`GenerationResult` with the text, the generated ids and :class:`GenerationStats`.
     """
+    one_pass = chunk_size is None and not policy.evicts and policy.query_window is None
     chunk_size = chunk_size or delay
     if chunk_size < 1 or delay % chunk_size:
         raise NammError(f"chunk_size ({chunk_size}) must be a positive divisor of delay ({delay}).")
@@ -191,6 +211,8 @@ def generate(
         q_ids = tokenizer(question, add_special_tokens=False, return_tensors="pt")["input_ids"]
         input_ids = torch.cat([input_ids, q_ids], dim=1)
         mask = torch.ones_like(input_ids)
+    if copies < 1 or (copies > 1 and (input_ids.shape[0] != 1 or question is not None)):
+        raise NammError("copies > 1 needs a single prompt (and no question).")
     b, n = input_ids.shape
     if n == 0:
         raise NammError("Empty prompt: it has no tokens.")
@@ -208,7 +230,7 @@ def generate(
     meter = _Meter(cache)
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
-    def forward(ids: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(ids: torch.Tensor, start: int, record: bool = True) -> torch.Tensor:
         end = start + ids.shape[1]
         kwargs = {}
         if padded:
@@ -216,12 +238,29 @@ def generate(
             kwargs["position_ids"] = (full_mask[:, :end].cumsum(-1) - 1).clamp(min=0)[:, start:end]
         clear_pending()
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
-        meter.record(ids.shape[1], end)
+        if record:
+            meter.record(ids.shape[1], end)
         return out.logits[:, -1]
 
     full_mask = torch.cat([mask, mask.new_ones(b, max_new_tokens)], dim=1)
+    if one_pass:
+        chunk_size = n  # nothing to keep in step with: prefill at once, as plain transformers does
     t0 = time.perf_counter()
     start = 0
+    if copies > 1:
+        shared = min(n, delay)  # identical for every row until the first memory step runs
+        cache.defer_steps = True
+        while start < shared:
+            end = min(shared, (start // chunk_size + 1) * chunk_size)
+            logits = forward(input_ids[:, start:end], start, record=end < shared)
+            last, start = end - start, end
+        cache.defer_steps = False
+        cache.batch_repeat_interleave(copies)
+        cache.run_due_steps()
+        meter.record(last, start)  # the last shared chunk, counted after its memory step like any other
+        input_ids, mask, full_mask = (t.expand(copies, -1) for t in (input_ids, mask, full_mask))
+        logits = logits.expand(copies, -1)
+        b = copies
     while start < n:
         end = min(n, (start // chunk_size + 1) * chunk_size)
         if start < context_len < end and question is not None:
@@ -255,7 +294,7 @@ def generate(
     texts = [tokenizer.decode([t for t in row if t not in eos], skip_special_tokens=True) for row in rows]
     stats = _stats(cache, meter, mask, rows, prefill_seconds, decode_seconds)
     logits_out = torch.stack(all_logits, dim=1) if return_logits and all_logits else None
-    if batched:
+    if batched or copies > 1:
         return GenerationResult(texts, rows, stats, logits_out)
     return GenerationResult(texts[0], rows[0], stats, logits_out)
 
@@ -278,6 +317,7 @@ def _stats(cache, meter: _Meter, mask, rows, prefill_seconds, decode_seconds) ->
         kept_tokens=kept.mean(dim=1).tolist(),
         steps=steps,
         mean_kv_tokens=meter.tokens / w,
+        row_mean_kv_tokens=(meter.row_tokens / w).tolist() if meter.row_tokens is not None else [],
         peak_kv_tokens=max(meter.peak_tokens, peak_before),
         full_kv_tokens=int(mask.shape[1] + max((len(r) for r in rows), default=0)),
         kv_bytes=cache.kv_bytes(),

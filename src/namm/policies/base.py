@@ -80,6 +80,8 @@ class Policy:
     query_window: ClassVar[int | None] = None
     #: Short name used by the CLI and the registry.
     name: ClassVar[str] = "base"
+    #: False for policies that never evict: the engine may then prefill in one pass (no cadence to keep).
+    evicts: ClassVar[bool] = True
 
     def score(self, step: MemoryStep) -> torch.Tensor:
         """Return ``(B, H, T)`` float scores, higher = keep. Invalid slots are ignored."""

@@ -20,6 +20,7 @@ class Full(Policy):
     """Keep every token (the reference full cache)."""
 
     name = "full"
+    evicts = False
 
 
 @dataclass

@@ -1,0 +1,168 @@
+"""The language-model evaluator: scores NAMM parameter vectors by generating answers to task samples.
+
+* Samples are identified by ids: ``t<i>`` (training pool) and ``v<i>`` (validation pool). Synthetic tasks
+  generate sample ``i`` of the pool from the recipe's seed (training) or the validation seed, so pools are
+  unbounded and reproducible; file-based tasks (LongBench) split their rows deterministically, one row in
+  four going to validation.
+* ``evaluate`` runs each sample once per batch of ``members_per_batch`` population members: one batch row
+  per member (``NAMM.set_population``), the prefix before the first memory step computed once and shared
+  (``generate(copies=...)``).
+* ``prepare_normalisation`` (the loop's ``prepare`` hook) gathers the 17 spectrogram features' statistics
+  on full-cache runs of training samples, freezes them and stores them in ``run_dir/normalisation/``, as
+  the reference does at its first, zero-parameter evaluation; every checkpoint carries them.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from namm.engine import generate
+from namm.errors import NammError
+from namm.evolution.evaluator import EvalResult
+from namm.evolution.recipe import Recipe, TaskSpec
+from namm.memory import NAMM, NAMMConfig
+from namm.policies import Full
+from namm.tasks import LongBenchTask, Sample, Task, get_task
+
+SYNTHETIC_POOL = 100_000
+NORMALISATION_DIR = "normalisation"
+
+
+def make_policy(recipe: Recipe) -> NAMM:
+    """A zero-parameter NAMM with the recipe's configuration overrides."""
+    try:
+        config = NAMMConfig.from_dict({**NAMMConfig().to_dict(), **recipe.policy})
+    except TypeError as err:
+        raise NammError(f"recipe.policy: {err}") from err
+    return NAMM(config)
+
+
+class LMEvaluator:
+    """An :class:`~namm.evolution.evaluator.Evaluator` backed by a transformers model."""
+
+    def __init__(self, recipe: Recipe, run_dir: str | Path, model=None, tokenizer=None):
+        from namm.models import load_model  # noqa: PLC0415
+
+        self.recipe = recipe
+        self.run_dir = Path(run_dir)
+        if model is None:
+            model, tokenizer = load_model(recipe.model)
+        self.model, self.tokenizer = model, tokenizer
+        self.policy = make_policy(recipe)
+        norm = self.run_dir / NORMALISATION_DIR
+        if norm.exists():
+            self.policy.normaliser = NAMM.from_pretrained(norm).normaliser
+        self._tasks: dict[str, Task] = {}
+        self._samples: dict[tuple[str, str], Sample] = {}
+
+    # --- pools and samples -------------------------------------------------------------------------
+    def task(self, key: str) -> Task:
+        if key not in self._tasks:
+            spec = TaskSpec.from_key(key)
+            self._tasks[key] = get_task(spec.name, **spec.options)
+        return self._tasks[key]
+
+    def initial_params(self) -> np.ndarray:
+        return self.policy.get_params().double().numpy()
+
+    def sample_pool(self, task: str, split: str) -> list[str]:
+        t = self.task(task)
+        prefix = "t" if split == "train" else "v"
+        if not isinstance(t, LongBenchTask):  # generated from a seed: unbounded pools
+            return [f"{prefix}{i}" for i in range(SYNTHETIC_POOL)]
+        rows = t.samples(10**9, seed=0, tokenizer=self.tokenizer)
+        is_val = [zlib.crc32(s.id.encode()) % 4 == 0 for s in rows]
+        return [f"{prefix}{i}" for i, s in enumerate(rows) if is_val[i] == (split != "train")]
+
+    def sample(self, task: str, sample_id: str) -> Sample:
+        key = (task, sample_id)
+        if key not in self._samples:
+            t = self.task(task)
+            index = int(sample_id[1:])
+            seed = self.recipe.seed if sample_id[0] == "t" else self.recipe.validation_seed
+            if isinstance(t, LongBenchTask):
+                seed = 0
+            self._samples[key] = t.samples(1, seed=seed, offset=index, tokenizer=self.tokenizer)[0]
+        return self._samples[key]
+
+    # --- scoring --------------------------------------------------------------------------------------
+    def _run(self, task: str, sample_id: str, policy, copies: int = 1):
+        sample = self.sample(task, sample_id)
+        out = generate(self.model, self.tokenizer, sample.prompt, policy, max_new_tokens=sample.max_new_tokens,
+                       delay=self.recipe.delay, chunk_size=self.recipe.chunk_size, copies=copies)
+        texts = out.text if copies > 1 else [out.text]
+        t = self.task(task)
+        return [t.score(text, sample) for text in texts], out.stats
+
+    def full_scores(self, task: str, sample_ids: list[str]) -> np.ndarray:
+        return np.array([self._run(task, s, Full())[0][0] for s in sample_ids])
+
+    def evaluate(self, params: np.ndarray, task: str, sample_ids: list[str]) -> EvalResult:
+        start = time.perf_counter()
+        params = np.atleast_2d(params)
+        scores = np.zeros((len(params), len(sample_ids)))
+        fraction = np.zeros_like(scores)
+        step = max(1, self.recipe.members_per_batch)
+        for j, sid in enumerate(sample_ids):
+            for lo in range(0, len(params), step):
+                rows = params[lo : lo + step]
+                self.policy.set_population(torch.as_tensor(rows, dtype=torch.float32))
+                try:
+                    s, stats = self._run(task, sid, self.policy, copies=len(rows))
+                finally:
+                    self.policy.clear_population()
+                scores[lo : lo + len(rows), j] = s
+                fraction[lo : lo + len(rows), j] = stats.row_cache_fraction
+        return EvalResult(scores, np.clip(fraction, 0.0, None), time.perf_counter() - start)
+
+
+@dataclass
+class LMEvaluatorFactory:
+    """Picklable recipe for building an :class:`LMEvaluator` (one per Ray worker)."""
+
+    recipe: dict
+    run_dir: str
+
+    def __call__(self) -> LMEvaluator:
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        return LMEvaluator(Recipe.from_dict(self.recipe), self.run_dir)
+
+
+def prepare_normalisation(recipe: Recipe, run_dir: Path, samples_per_task: int = 8, evaluator=None) -> None:
+    """Gather the spectrogram-feature statistics on full-cache runs of training samples; freeze and save."""
+    ev = evaluator or LMEvaluator(recipe, run_dir)
+    policy = make_policy(recipe)
+    policy.collect_stats = True
+    for stage in recipe.stages[:1]:
+        for spec in stage.tasks:
+            for sid in ev.sample_pool(spec.key, "train")[:samples_per_task]:
+                ev._run(spec.key, sid, policy)
+    if policy.normaliser.count == 0:
+        raise NammError(
+            "No memory step ran while gathering normalisation statistics: the training prompts are shorter "
+            f"than delay={recipe.delay}. Use longer prompts or a smaller delay."
+        )
+    policy.freeze_stats()
+    policy.save_pretrained(run_dir / NORMALISATION_DIR)
+    if evaluator is not None:
+        evaluator.policy.normaliser = policy.normaliser
+
+
+def checkpoint_writer(recipe: Recipe, run_dir: Path):
+    """``save_checkpoint(params, dir)`` for the loop: a NAMM checkpoint with the frozen statistics."""
+
+    def save(params: np.ndarray, directory: Path) -> None:
+        policy = make_policy(recipe)
+        norm = Path(run_dir) / NORMALISATION_DIR
+        if norm.exists():
+            policy.normaliser = NAMM.from_pretrained(norm).normaliser
+        policy.set_params(torch.as_tensor(params, dtype=torch.float32))
+        policy.save_pretrained(directory)
+
+    return save
