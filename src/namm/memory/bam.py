@@ -23,10 +23,6 @@ import torch
 from namm.errors import NammError
 from namm.memory.config import NAMMConfig
 
-#: Upper bound on the elements of one block of attention logits (queries are processed in blocks).
-LOGIT_BLOCK_ELEMENTS = 1 << 24
-#: Most queries per block (smaller blocks skip more of the older keys).
-QUERY_BLOCK = 512
 
 
 def param_shapes(config: NAMMConfig) -> list[tuple[str, tuple[int, ...]]]:
@@ -80,11 +76,11 @@ def flatten(named: dict[str, torch.Tensor], config: NAMMConfig | None = None) ->
 def _backward_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor
 ) -> torch.Tensor:
-    """Backward-masked softmax attention.
+    """Backward-masked softmax attention: every valid slot attends to itself and the newer valid slots.
 
-    The slots of every head are put in position order (invalid slots last), so "``j`` newer than ``i``"
-    becomes an upper triangle; queries are processed in blocks that skip the keys before the block,
-    which bounds memory (:data:`LOGIT_BLOCK_ELEMENTS`) and halves the work.
+    The slots of every head are put newest first with invalid slots last; "``j`` is ``i`` or newer" then
+    becomes "``j`` comes no later than ``i``", a causal mask, and the invalid keys come after every valid
+    query, so causality hides them too. One fused SDPA call, no ``T x T`` mask in memory.
 
     Args:
         q, k, v: ``(B, H, nh, T, hd)`` float32.
@@ -97,22 +93,11 @@ def _backward_attention(
     b, h, nh, t, hd = q.shape
     if t == 0:
         return q.clone()
-    order = positions.masked_fill(~valid, 2**62).argsort(dim=-1, stable=True)  # (B, H, T)
+    order = torch.where(valid, -positions, torch.iinfo(positions.dtype).max).argsort(dim=-1, stable=True)
     idx = order[:, :, None, :, None].expand(b, h, nh, t, hd)
-    q = q.gather(3, idx) * (1.0 / math.sqrt(hd))
-    k, v = k.gather(3, idx), v.gather(3, idx)
-    # Invalid keys get a huge finite penalty (exactly zero weight next to any allowed key, no NaN rows).
-    key_bias = torch.where(valid.gather(2, order), 0.0, -1e30)[:, :, None, None, :]  # (B, H, 1, 1, T)
-    block = max(1, min(t, QUERY_BLOCK, LOGIT_BLOCK_ELEMENTS // max(1, b * h * nh * t)))
-    # Block-local penalty of the keys older than each query: -inf strictly below the diagonal.
-    older = torch.full((block, t), float("-inf"), device=q.device).tril_(-1)
-    outs = []
-    for i0 in range(0, t, block):
-        i1 = min(t, i0 + block)
-        logits = q[..., i0:i1, :] @ k[..., i0:, :].transpose(-1, -2)  # (B, H, nh, i1 - i0, T - i0)
-        logits.add_(older[: i1 - i0, : t - i0]).add_(key_bias[..., i0:])
-        outs.append(logits.softmax(dim=-1) @ v[..., i0:, :])
-    return torch.empty_like(q).scatter_(3, idx, torch.cat(outs, dim=-2))
+    qs, ks, vs = (x.gather(3, idx).reshape(b * h, nh, t, hd) for x in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+    return torch.empty_like(q).scatter_(3, idx, out.reshape(b, h, nh, t, hd))
 
 
 def bam_scores(

@@ -1,0 +1,118 @@
+"""Cost of NAMM's memory steps: prefill time with NAMM vs the Full engine, side by side in one run.
+
+A zero-parameter NAMM keeps every token, so its prefill does exactly the Full engine's work plus the
+memory steps at full cache size (the worst case); an evicting NAMM (a CMA-ES-like random member) is
+shown for context. The reference approach (eager attention everywhere, ``output_attentions``) is
+measured too where it fits in memory.
+
+    python benchmarks/namm_cost.py --lengths 2048 4096 --repeats 3 --out docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import namm
+from namm.policies import Full
+
+FILLER = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+    "Some people like to travel by train because it is relaxing and they can read a book. "
+)
+
+
+@torch.inference_mode()
+def eager_reference(model, ids: torch.Tensor) -> float:
+    """The reference's approach: eager attention returning every layer's maps, in 512-token chunks."""
+    from transformers import DynamicCache  # noqa: PLC0415
+
+    model.set_attn_implementation("eager")
+    try:
+        cache = DynamicCache(config=model.config)
+        t0 = time.perf_counter()
+        for start in range(0, ids.shape[1], 512):
+            model(ids[:, start : start + 512], past_key_values=cache, output_attentions=True, logits_to_keep=1)
+        return time.perf_counter() - t0
+    finally:
+        model.set_attn_implementation("namm")
+
+
+def run(model, tok, ids, policy, delay) -> dict:
+    out = namm.generate(model, tok, ids[0], policy, max_new_tokens=1, delay=delay, chunk_size=delay,
+                        ignore_eos=True)
+    return {"prefill": out.stats.prefill_seconds, "memory": out.stats.memory_seconds,
+            "cache": out.stats.cache_fraction}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--delay", type=int, default=512)
+    ap.add_argument("--checkpoint", default=None, help="An evolved NAMM to time as well.")
+    ap.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    model, tok = namm.load_model(args.model)
+    keep_all = namm.NAMM()
+    member = namm.NAMM()
+    member.set_params(torch.randn(member.n_params, generator=torch.Generator().manual_seed(0)) * 0.065)
+    configs = {"Full (engine, 512-token chunks)": Full(), "NAMM, zero params (keeps all)": keep_all,
+               "NAMM, random member (evicts)": member}
+    if args.checkpoint:
+        configs["NAMM, evolved"] = namm.NAMM.from_pretrained(args.checkpoint)
+    rows = {}
+    for length in args.lengths:
+        ids = tok(FILLER * (length // 20 + 10), return_tensors="pt").input_ids[:, :length]
+        runs: dict[str, list[dict]] = {k: [] for k in configs}
+        runs["eager reference (output_attentions)"] = []
+        for rep in range(args.repeats):
+            for name, policy in configs.items():
+                runs[name].append(run(model, tok, ids, policy, args.delay))
+                print(f"[{length}] rep {rep} {name}: {runs[name][-1]}", flush=True)
+            runs["eager reference (output_attentions)"].append({"prefill": eager_reference(model, ids),
+                                                                 "memory": 0.0, "cache": 1.0})
+        rows[length] = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
+    write(args, rows)
+
+
+def write(args, rows) -> None:
+    lines = [
+        "<!-- namm-cost:start -->",
+        "## NAMM memory-step cost (issue 3)",
+        "",
+        f"`python benchmarks/namm_cost.py --lengths {' '.join(map(str, args.lengths))} --repeats {args.repeats}` "
+        f"on {args.model}, fp32, 2 threads, {platform.machine()}, torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}. Medians of {args.repeats} interleaved repeats, memory step every "
+        f"{args.delay} tokens, all engine runs prefill in {args.delay}-token chunks. Ratios against the Full "
+        "engine measured in the same run.",
+        "",
+        "| length | configuration | prefill s | x Full | memory steps s | mean cache |",
+        "|---|---|---|---|---|---|",
+    ]
+    for length, table in rows.items():
+        base = table["Full (engine, 512-token chunks)"]["prefill"]
+        for name, r in table.items():
+            lines.append(f"| {length} | {name} | {r['prefill']:.2f} | {r['prefill'] / base:.2f} | "
+                         f"{r['memory']:.2f} | {r['cache']:.0%} |")
+    lines.append("<!-- namm-cost:end -->")
+    block = "\n".join(lines)
+    text = args.out.read_text() if args.out.exists() else "# Benchmarks\n\n"
+    if "<!-- namm-cost:start -->" in text:
+        head, rest = text.split("<!-- namm-cost:start -->", 1)
+        text = head + block + rest.split("<!-- namm-cost:end -->", 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    args.out.write_text(text)
+    print(block)
+
+
+if __name__ == "__main__":
+    main()
