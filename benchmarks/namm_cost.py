@@ -17,14 +17,10 @@ import time
 from pathlib import Path
 
 import torch
+from _report import make_ids, write_section
 
 import namm
 from namm.policies import Full
-
-FILLER = (
-    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-    "Some people like to travel by train because it is relaxing and they can read a book. "
-)
 
 
 @torch.inference_mode()
@@ -70,7 +66,7 @@ def main() -> None:
         configs["NAMM, evolved"] = namm.NAMM.from_pretrained(args.checkpoint)
     rows = {}
     for length in args.lengths:
-        ids = tok(FILLER * (length // 20 + 10), return_tensors="pt").input_ids[:, :length]
+        ids = make_ids(tok, length)
         runs: dict[str, list[dict]] = {k: [] for k in configs}
         runs["eager reference (output_attentions)"] = []
         for rep in range(args.repeats):
@@ -85,7 +81,6 @@ def main() -> None:
 
 def write(args, rows) -> None:
     lines = [
-        "<!-- namm-cost:start -->",
         "## NAMM memory-step cost (issue 3)",
         "",
         f"`python benchmarks/namm_cost.py --lengths {' '.join(map(str, args.lengths))} --repeats {args.repeats}` "
@@ -102,16 +97,7 @@ def write(args, rows) -> None:
         for name, r in table.items():
             lines.append(f"| {length} | {name} | {r['prefill']:.2f} | {r['prefill'] / base:.2f} | "
                          f"{r['memory']:.2f} | {r['cache']:.0%} |")
-    lines.append("<!-- namm-cost:end -->")
-    block = "\n".join(lines)
-    text = args.out.read_text() if args.out.exists() else "# Benchmarks\n\n"
-    if "<!-- namm-cost:start -->" in text:
-        head, rest = text.split("<!-- namm-cost:start -->", 1)
-        text = head + block + rest.split("<!-- namm-cost:end -->", 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    args.out.write_text(text)
-    print(block)
+    print(write_section(args.out, "namm-cost", lines))
 
 
 if __name__ == "__main__":

@@ -16,21 +16,11 @@ import time
 from pathlib import Path
 
 import torch
+from _report import make_ids, write_section
 from transformers import DynamicCache
 
 import namm
 from namm.policies import H2O, Full, L2Norm, Random, SnapKV, StreamingLLM
-
-FILLER = (
-    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-    "Some people like to travel by train because it is relaxing and they can read a book. "
-)
-
-
-def make_ids(tok, length: int) -> torch.Tensor:
-    ids = tok(FILLER * (length // 20 + 10), return_tensors="pt").input_ids[:, :length]
-    assert ids.shape[1] == length
-    return ids
 
 
 @torch.inference_mode()
@@ -110,7 +100,6 @@ def main() -> None:
 
 def write_report(args, rows) -> None:
     lines = [
-        "<!-- runtime:start -->",
         "## Runtime: prefill, decoding and KV memory (issue 2)",
         "",
         f"`python benchmarks/runtime.py --lengths {' '.join(map(str, args.lengths))} --repeats {args.repeats} "
@@ -139,17 +128,7 @@ def write_report(args, rows) -> None:
                 f"{r['peak_kv'] / 2**20:.1f} | {final / full.get('final_kv', full['peak_kv']):.0%} |"
             )
         lines.append("")
-    lines.append("<!-- runtime:end -->")
-    block = "\n".join(lines)
-    text = args.out.read_text() if args.out.exists() else "# Benchmarks\n\n"
-    if "<!-- runtime:start -->" in text:
-        head, rest = text.split("<!-- runtime:start -->", 1)
-        text = head + block + rest.split("<!-- runtime:end -->", 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(block)
+    print(write_section(args.out, "runtime", lines))
 
 
 if __name__ == "__main__":
