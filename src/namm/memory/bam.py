@@ -24,7 +24,6 @@ from namm.errors import NammError
 from namm.memory.config import NAMMConfig
 
 
-
 def param_shapes(config: NAMMConfig) -> list[tuple[str, tuple[int, ...]]]:
     """``[(name, shape), ...]`` in flat-vector order."""
     d, hd = config.feature_dim, config.bam_heads * config.bam_hidden
