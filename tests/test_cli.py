@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import random_prompt, tiny_model, word_tokenizer
 from typer.testing import CliRunner
 
+from conftest import random_prompt, tiny_model, word_tokenizer
 from namm.cli import app
 
 

@@ -345,6 +345,7 @@ class MemoryCache(Cache):
         if not any(isinstance(layer, EvictingLayer) for layer in layers):
             raise NammError(f"{type(model).__name__} has no full-attention layer for namm to manage.")
         super().__init__(layers=layers)
+        self._unmanaged = [lay for lay in layers if not isinstance(lay, EvictingLayer)]
         self.policy = policy
         self.delay = delay
         self.defer_steps = False  # hold memory steps back (shared population prefix); see run_due_steps
@@ -361,11 +362,7 @@ class MemoryCache(Cache):
         new = layer.keys.nbytes + layer.values.nbytes
         self._bytes_total += new - layer.bytes
         layer.bytes = new
-        others = sum(
-            lay.keys.nbytes + lay.values.nbytes
-            for lay in self.layers
-            if not isinstance(lay, EvictingLayer) and getattr(lay, "is_initialized", False)
-        )
+        others = sum(lay.keys.nbytes + lay.values.nbytes for lay in self._unmanaged if lay.is_initialized)
         self.stats.peak_bytes = max(self.stats.peak_bytes, self._bytes_total + others)
 
     def run_due_steps(self) -> None:

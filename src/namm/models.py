@@ -124,8 +124,9 @@ def load_model(
         ``(model, tokenizer)``; the model is in eval mode and routes attention through namm's SDPA
         wrapper (identical to SDPA until a namm cache evicts tokens).
     """
-    from namm.attention import enable  # noqa: PLC0415
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    from namm.attention import enable  # noqa: PLC0415
 
     if not name_or_path or not str(name_or_path).strip():
         raise NammError("Empty model name; pass a bundled name (" + ", ".join(BUNDLED) + "), a hub id or a path.")
