@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 import namm
 from conftest import random_prompt, tiny_model, word_tokenizer
@@ -32,7 +33,15 @@ class FirstWordTask(Task):
         return float(sample.answers[0] in prediction.split())
 
 
-register("first_word_test", lambda **kw: FirstWordTask())
+@pytest.fixture
+def first_word_task():
+    """Registers the test task for one test only (the registry is global)."""
+    from namm.tasks import base
+
+    register("first_word_test", lambda **kw: FirstWordTask())
+    yield
+    base._REGISTRY.pop("first_word_test", None)
+    base._GROUP.pop("first_word_test", None)
 
 RECIPE = {
     "model": "tiny",
@@ -50,7 +59,7 @@ RECIPE = {
 }
 
 
-def test_two_generations_end_to_end(tmp_path):
+def test_two_generations_end_to_end(tmp_path, first_word_task):
     recipe = Recipe.from_dict(RECIPE)
     ev = LMEvaluator(recipe, tmp_path, model=tiny_model("llama"), tokenizer=word_tokenizer())
     result = evolve(recipe, tmp_path, False, lambda: ev, progress=False,
