@@ -175,7 +175,7 @@ def _samples(task_name: str, tok, n: int, seed: int, max_length: int | None, off
 def _summary_table(title: str, rows: list[dict]) -> Table:
     table = Table(title=title)
     for col in ("policy", "budget", "score", "vs full", "mean KV tokens", "cache", "peak KV tokens", "s/sample"):
-        table.add_column(col, justify="left" if col in ("policy", "budget") else "right")
+        table.add_column(col, justify="left" if col in ("policy", "budget") else "right", no_wrap=col == "policy")
     for r in rows:
         table.add_row(r["policy"], r["budget"], f"{r['score']:.1f}", f"{r['relative']:.2f}",
                       f"{r['mean_kv_tokens']:.0f}", f"{r['cache_fraction']:.0%}", str(r["peak_kv_tokens"]),
