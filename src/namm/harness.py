@@ -91,7 +91,8 @@ def evaluate(
     """Evaluate a policy (or a per-sample policy factory) on samples; resumable through ``out_file``."""
     done = {r["id"]: r for r in read_records(out_file)} if out_file else {}
     records = []
-    out_file and out_file.parent.mkdir(parents=True, exist_ok=True)
+    if out_file:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
     with progress_bar(disable=not progress) as bar:
         job = bar.add_task(label or task.name, total=len(samples))
         for sample in samples:
