@@ -90,9 +90,11 @@ class EvictingLayer(DynamicLayer):
         self.last_step = 0
         self.dense = True  # slot i holds position i and every slot is valid: plain SDPA applies
         self.padded = False  # some processed token was left padding
-        self.positions: torch.Tensor | None = None
-        self.valid: torch.Tensor | None = None
-        self.real: torch.Tensor | None = None
+        # Slot metadata; None while the layer is dense (slot i = position i, all valid, no padding), in which
+        # case the properties below derive it on demand and decoding skips three concatenations per token.
+        self._positions: torch.Tensor | None = None
+        self._valid: torch.Tensor | None = None
+        self._real: torch.Tensor | None = None
         self.state: dict[str, torch.Tensor] = {}
         self.queries: torch.Tensor | None = None
         self.softcap: float | None = None
@@ -101,10 +103,47 @@ class EvictingLayer(DynamicLayer):
     # --- transformers Cache layer API -------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        b, h = key_states.shape[:2]
-        self.positions = torch.empty(b, h, 0, dtype=torch.long, device=self.device)
-        self.valid = torch.empty(b, h, 0, dtype=torch.bool, device=self.device)
-        self.real = torch.empty(b, 0, dtype=torch.bool, device=self.device)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        if self._positions is None:
+            b, h, t = self.keys.shape[:3]
+            self._positions = torch.arange(t, device=self.device).expand(b, h, t).clone()
+        return self._positions
+
+    @positions.setter
+    def positions(self, value: torch.Tensor) -> None:
+        self._positions = value
+
+    @property
+    def valid(self) -> torch.Tensor:
+        if self._valid is None:
+            self._valid = torch.ones(self.keys.shape[:3], dtype=torch.bool, device=self.device)
+        return self._valid
+
+    @valid.setter
+    def valid(self, value: torch.Tensor) -> None:
+        self._valid = value
+
+    @property
+    def real(self) -> torch.Tensor:
+        if self._real is None:
+            self._real = torch.ones(self.keys.shape[0], self.n_seen, dtype=torch.bool, device=self.device)
+        return self._real
+
+    @real.setter
+    def real(self, value: torch.Tensor) -> None:
+        self._real = value
+
+    def _forget_dense_metadata(self) -> None:
+        """Back to derived metadata (only valid while the layer is dense)."""
+        self._positions = self._valid = self._real = None
+
+    def kept_counts(self) -> torch.Tensor:
+        """``(B, H)`` valid tokens per row and head."""
+        if self._valid is None:
+            return torch.full(self.keys.shape[:2], self.keys.shape[2], dtype=torch.long, device=self.device)
+        return self._valid.sum(dim=-1)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``(B, H, Q, D)`` new keys/values; return the whole storage for the attention call."""
@@ -118,12 +157,15 @@ class EvictingLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, h, q, _ = key_states.shape
-        new_pos = torch.arange(self.n_seen, self.n_seen + q, device=self.device)
+        if self._positions is not None:
+            new_pos = torch.arange(self.n_seen, self.n_seen + q, device=self.device)
+            self._positions = torch.cat([self._positions, new_pos.expand(b, h, q)], dim=-1)
+        if self._valid is not None:
+            self._valid = torch.cat([self._valid, self._valid.new_ones(b, h, q)], dim=-1)
+        if self._real is not None:
+            self._real = torch.cat([self._real, self._real.new_ones(b, q)], dim=-1)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        self.positions = torch.cat([self.positions, new_pos.expand(b, h, q)], dim=-1)
-        self.valid = torch.cat([self.valid, self.valid.new_ones(b, h, q)], dim=-1)
-        self.real = torch.cat([self.real, self.real.new_ones(b, q)], dim=-1)
         for name, tensor in self.state.items():
             pad = tensor.new_zeros(b, h, q, *tensor.shape[3:])
             self.state[name] = torch.cat([tensor, pad], dim=2)
@@ -164,7 +206,10 @@ class EvictingLayer(DynamicLayer):
             return
         idx = idx.to(self.device)
         self.keys, self.values = self.keys[idx], self.values[idx]
-        self.positions, self.valid, self.real = self.positions[idx], self.valid[idx], self.real[idx]
+        if self.dense:
+            self._forget_dense_metadata()
+        else:
+            self.positions, self.valid, self.real = self.positions[idx], self.valid[idx], self.real[idx]
         self.state = {k: v[idx] for k, v in self.state.items()}
         if self.queries is not None:
             self.queries = self.queries[idx]
@@ -284,6 +329,8 @@ class EvictingLayer(DynamicLayer):
             self.compact(keep)
         self.queries = None
         self.last_step = self.n_seen
+        if self.dense:
+            self._forget_dense_metadata()
         self.owner.stats.steps.append(
             StepRecord(self.layer_idx, self.n_seen, keep.sum(dim=-1).cpu(), before.cpu(), time.perf_counter() - start)
         )
@@ -385,7 +432,7 @@ class MemoryCache(Cache):
 
     def kept_tokens(self) -> torch.Tensor:
         """``(L_managed, B, H)`` valid tokens per managed layer, row and KV head."""
-        return torch.stack([layer.valid.sum(dim=-1) for layer in self.managed if layer.is_initialized])
+        return torch.stack([layer.kept_counts() for layer in self.managed if layer.is_initialized])
 
     def padding_fraction(self) -> float:
         """Fraction of managed storage slots that are invalid (per-head compaction padding)."""
