@@ -34,13 +34,18 @@ SYNTHETIC_POOL = 100_000
 NORMALISATION_DIR = "normalisation"
 
 
-def make_policy(recipe: Recipe) -> NAMM:
-    """A zero-parameter NAMM with the recipe's configuration overrides."""
+def recipe_namm(recipe: Recipe, run_dir: str | Path | None = None) -> NAMM:
+    """A zero-parameter NAMM with the recipe's configuration overrides and, once ``prepare_normalisation``
+    has stored them in ``run_dir``, the run's frozen normalisation statistics."""
     try:
         config = NAMMConfig.from_dict({**NAMMConfig().to_dict(), **recipe.policy})
     except TypeError as err:
         raise NammError(f"recipe.policy: {err}") from err
-    return NAMM(config)
+    policy = NAMM(config)
+    norm = Path(run_dir) / NORMALISATION_DIR if run_dir is not None else None
+    if norm is not None and norm.exists():
+        policy.normaliser = NAMM.from_pretrained(norm).normaliser
+    return policy
 
 
 class LMEvaluator:
@@ -54,10 +59,7 @@ class LMEvaluator:
         if model is None:
             model, tokenizer = load_model(recipe.model)
         self.model, self.tokenizer = model, tokenizer
-        self.policy = make_policy(recipe)
-        norm = self.run_dir / NORMALISATION_DIR
-        if norm.exists():
-            self.policy.normaliser = NAMM.from_pretrained(norm).normaliser
+        self.policy = recipe_namm(recipe, self.run_dir)
         self._tasks: dict[str, Task] = {}
         self._samples: dict[tuple[str, str], Sample] = {}
 
@@ -137,7 +139,7 @@ class LMEvaluatorFactory:
 def prepare_normalisation(recipe: Recipe, run_dir: Path, samples_per_task: int = 8, evaluator=None) -> None:
     """Gather the spectrogram-feature statistics on full-cache runs of training samples; freeze and save."""
     ev = evaluator or LMEvaluator(recipe, run_dir)
-    policy = make_policy(recipe)
+    policy = recipe_namm(recipe)
     policy.collect_stats = True
     for stage in recipe.stages[:1]:
         for spec in stage.tasks:
@@ -158,10 +160,7 @@ def checkpoint_writer(recipe: Recipe, run_dir: Path):
     """``save_checkpoint(params, dir)`` for the loop: a NAMM checkpoint with the frozen statistics."""
 
     def save(params: np.ndarray, directory: Path) -> None:
-        policy = make_policy(recipe)
-        norm = Path(run_dir) / NORMALISATION_DIR
-        if norm.exists():
-            policy.normaliser = NAMM.from_pretrained(norm).normaliser
+        policy = recipe_namm(recipe, run_dir)
         policy.set_params(torch.as_tensor(params, dtype=torch.float32))
         policy.save_pretrained(directory)
 

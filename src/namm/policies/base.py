@@ -58,7 +58,7 @@ class MemoryStep:
     state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def recency_bonus(step: MemoryStep, window: int) -> torch.Tensor:
+def recent_mask(step: MemoryStep, window: int) -> torch.Tensor:
     """``(B, H, T)`` bool: the slots holding one of the ``window`` newest tokens of each row."""
     newest = step.n_seen - 1
     return step.valid & (step.positions > newest - window)
@@ -141,4 +141,4 @@ class BudgetPolicy(Policy):
         return f"{self.name} (budget {b})"
 
 
-__all__ = ["ALL_QUERIES", "BudgetPolicy", "MemoryStep", "Policy", "protect", "recency_bonus"]
+__all__ = ["ALL_QUERIES", "BudgetPolicy", "MemoryStep", "Policy", "protect", "recent_mask"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from namm.errors import NammError
-from namm.policies.base import ALL_QUERIES, BudgetPolicy, MemoryStep, Policy, protect, recency_bonus
+from namm.policies.base import ALL_QUERIES, BudgetPolicy, MemoryStep, Policy, protect, recent_mask
 
 
 @dataclass
@@ -59,7 +59,7 @@ class H2O(BudgetPolicy):
         acc = acc + step.attention.sum(dim=2)
         step.state["h2o_acc"] = acc
         recent = int(self.budget_tokens(step.n_real).max().item() * self.recent_ratio)
-        return protect(acc, recency_bonus(step, recent))
+        return protect(acc, recent_mask(step, recent))
 
 
 @dataclass
@@ -103,7 +103,7 @@ class SnapKV(BudgetPolicy):
         b, h, _, t = step.attention.shape
         attn = step.attention.mean(dim=2).view(b * h, 1, t)
         pooled = torch.nn.functional.avg_pool1d(attn, self.kernel, stride=1, padding=self.kernel // 2).view(b, h, t)
-        return protect(pooled, recency_bonus(step, self.window))
+        return protect(pooled, recent_mask(step, self.window))
 
 
 @dataclass
