@@ -55,3 +55,25 @@ def test_population_rows_match_single_runs(llama, tokenizer):
         single = namm.generate(llama, tokenizer, prompt, NAMM(params=vectors[r]), max_new_tokens=8, delay=32)
         assert batch.token_ids[r] == single.token_ids
         assert [s["kept"][r] for s in batch.stats.steps] == [s["kept"][0] for s in single.stats.steps]
+
+
+class WholeMatrixNAMM(NAMM):
+    """NAMM fed the whole recomputed (B, H, Q, T) attention instead of streamed query blocks."""
+
+    streams_attention = False
+
+
+def test_streamed_attention_equals_the_whole_matrix(llama, tokenizer):
+    """Blocks of the recomputed attention (masked by validity, causality and left padding) fold into the
+    same features as the whole matrix: same evictions, same tokens. 96 queries per step: two blocks."""
+    prompts = [random_prompt(300, seed=8), random_prompt(230, seed=9)]  # left padding in the second row
+    params = torch.randn(param_count(), generator=torch.Generator().manual_seed(3)) * 0.2
+    runs = []
+    for cls in (NAMM, WholeMatrixNAMM):
+        policy = cls(NAMMConfig(selection="per_head"), params=params)
+        policy.normaliser.load(torch.full((17,), 0.01), torch.full((17,), 0.01), 1.0, True)  # unit-scale spectra
+        runs.append(namm.generate(llama, tokenizer, prompts, policy, max_new_tokens=10, delay=96, chunk_size=32))
+    streamed, whole = runs
+    assert streamed.token_ids == whole.token_ids
+    assert [s["kept"] for s in streamed.stats.steps] == [s["kept"] for s in whole.stats.steps]
+    assert any(min(min(r) for r in s["kept"]) < max(max(r) for r in s["kept"]) for s in streamed.stats.steps)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +29,7 @@ from namm.errors import NammError
 from namm.policies.base import ALL_QUERIES, MemoryStep, Policy
 
 _PENDING = threading.local()
-_ATTENTION_CHUNK_ELEMENTS = 1 << 26  # 256 MiB of float32 logits per chunk of KV heads at a memory step
+_ATTENTION_CHUNK_ELEMENTS = 1 << 26  # 256 MiB of float32 logits per block of queries at a memory step
 
 
 def _lower_triangle(n: int, device) -> torch.Tensor:
@@ -267,47 +268,76 @@ class EvictingLayer(DynamicLayer):
         return self.n_seen // delay > self.last_step // delay
 
     # --- the memory step ---------------------------------------------------------------------------
-    def recent_attention(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Recompute the softmax attention of the stored queries against the current slots.
+    def attention_blocks(self, bounds: list[int]) -> Iterator[torch.Tensor]:
+        """Recompute, block by block, the softmax attention of the stored queries against the current slots.
 
         The stored queries belong to the last ``Q`` slots (appended since the previous memory step), so the
-        mask is the slots' validity plus a causal triangle over those last ``Q`` slots.
+        mask is the slots' validity plus causality over those last ``Q`` slots. Only one block of logits
+        exists at a time, so a policy that folds the attention into a running summary (NAMM's spectrogram)
+        never materialises the ``(Q, T)`` matrix.
 
-        Returns:
-            ``(B, H, Q, T)`` float32 attention averaged over the query heads of each KV head (rows of
-            padding queries zeroed), and the ``(Q,)`` absolute query positions.
+        Args:
+            bounds: increasing query indices ``0 = b_0 < b_1 < ... = Q``.
+
+        Yields:
+            for each range ``b_i:b_(i+1)`` (``L`` queries), a ``(B, H, L, V)`` float32 tensor: the attention
+            those queries gave the first ``V = T - Q + b_(i+1)`` slots, averaged over the query heads of each
+            KV head (rows of padding queries are zero). Later slots are in the queries' future: zero.
         """
         b, hq, nq, d = self.queries.shape
         h, t = self.keys.shape[1], self.keys.shape[2]
         g = hq // h
         scale = self.owner.scaling[self.layer_idx]
-        queries = (self.queries.float() * scale).reshape(b, h, g * nq, d)
-        hidden = ~self.valid[:, :, None, None, :]  # (B, H, 1, 1, T)
-        future = ~_lower_triangle(nq, self.device)  # (Q, Q) over the last Q slots
-        out = torch.empty(b, h, nq, t, dtype=torch.float32, device=self.device)
-        per_chunk = max(1, _ATTENTION_CHUNK_ELEMENTS // max(1, b * g * nq * t))
-        for lo in range(0, h, per_chunk):  # bounds the transient (B, heads, G*Q, T) logits
-            hi = min(h, lo + per_chunk)
-            logits = torch.matmul(queries[:, lo:hi], self.keys[:, lo:hi].float().transpose(-1, -2))
+        queries = self.queries.view(b, h, g, nq, d)
+        keys_t = self.keys.float().transpose(-1, -2).contiguous()  # (B, H, D, T): one copy, sliced per block
+        hidden = None if self.dense else ~self.valid[:, :, None, None, :]  # (B, H, 1, 1, T)
+        causal = _lower_triangle(nq, self.device)
+        real = self.real[:, self.n_seen - nq :] if self.padded else None
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            n, vis, cut = hi - lo, t - nq + hi, t - nq + lo
+            block = (queries[:, :, :, lo:hi].float() * scale).reshape(b, h, g * n, d)
+            logits = torch.matmul(block, keys_t[..., :vis]).view(b, h, g, n, vis)
             if self.softcap:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
-            logits = logits.view(b, hi - lo, g, nq, t)
-            logits.masked_fill_(hidden[:, lo:hi], float("-inf"))
-            logits[..., t - nq :].masked_fill_(future, float("-inf"))
-            out[:, lo:hi] = torch.softmax(logits, dim=-1).mean(dim=2)
-        if self.padded:
-            out *= self.real[:, None, self.n_seen - nq :, None]
-            out.nan_to_num_(0.0)
-        qpos = torch.arange(self.n_seen - nq, self.n_seen, device=self.device)
-        return out, qpos
+            if hidden is not None:
+                logits.masked_fill_(hidden[..., :vis], float("-inf"))
+            logits[..., cut:].masked_fill_(~causal[lo:hi, lo:hi], float("-inf"))
+            att = torch.softmax(logits, dim=-1).mean(dim=2)
+            if real is not None:
+                att *= real[:, None, lo:hi, None]
+                att.nan_to_num_(0.0)
+            yield att
+
+    def recent_attention(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole recomputed attention of the stored queries (see :meth:`attention_blocks`).
+
+        Returns:
+            ``(B, H, Q, T)`` float32 attention averaged over the query heads of each KV head (rows of
+            padding queries zeroed), and the ``(Q,)`` absolute query positions.
+        """
+        b, hq, nq, _ = self.queries.shape
+        h, t = self.keys.shape[1], self.keys.shape[2]
+        out = torch.zeros(b, h, nq, t, dtype=torch.float32, device=self.device)
+        per_block = max(1, _ATTENTION_CHUNK_ELEMENTS // max(1, b * hq * t))  # bounds the transient logits
+        bounds = [*range(0, nq, per_block), nq]
+        for lo, att in zip(bounds, self.attention_blocks(bounds), strict=False):
+            out[:, :, lo : lo + att.shape[2], : att.shape[3]] = att
+        return out, self.query_positions()
+
+    def query_positions(self) -> torch.Tensor:
+        """``(Q,)`` int64 absolute positions of the stored queries."""
+        return torch.arange(self.n_seen - self.queries.shape[2], self.n_seen, device=self.device)
 
     def memory_step(self) -> None:
         """Score, select and evict; then forget the stored queries."""
         start = time.perf_counter()
         policy: Policy = self.owner.policy
-        attention = qpos = None
+        attention = qpos = blocks = None
         if policy.query_window is not None and self.queries is not None:
-            attention, qpos = self.recent_attention()
+            if policy.streams_attention:
+                qpos, blocks = self.query_positions(), self.attention_blocks
+            else:
+                attention, qpos = self.recent_attention()
         step = MemoryStep(
             layer_idx=self.layer_idx,
             num_layers=len(self.owner.layers),
@@ -317,6 +347,7 @@ class EvictingLayer(DynamicLayer):
             valid=self.valid,
             attention=attention,
             query_positions=qpos,
+            attention_blocks=blocks,
             n_seen=self.n_seen,
             n_real=self.real.sum(dim=-1),
             state=self.state,

@@ -29,7 +29,7 @@ import torch
 
 from namm.errors import NammError
 from namm.memory.config import NAMMConfig
-from namm.policies.base import MemoryStep
+from namm.policies.base import MemoryStep, attention_blocks
 
 EMA_KEY = "namm_ema"
 CARRY_KEY = "namm_carry"
@@ -220,6 +220,78 @@ def _stored(state: torch.Tensor | None, shape: tuple[int, ...], name: str, like:
     return state.float()
 
 
+def dft_basis(n_fft: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``(2K, n_fft)`` float32 windowed one-sided DFT, ``K = n_fft // 2 + 1``: rows ``k < K`` hold
+    ``w[m] cos(2 pi k m / n_fft)``, rows ``K + k`` hold ``-w[m] sin(2 pi k m / n_fft)`` (``w`` periodic Hann)."""
+    m = torch.arange(n_fft, dtype=torch.float64, device=_float64_device(torch.device(device or "cpu")))
+    k = torch.arange(n_fft // 2 + 1, dtype=torch.float64, device=m.device)
+    angle = 2.0 * torch.pi * k[:, None] * m[None, :] / n_fft
+    window = 0.5 - 0.5 * torch.cos(2.0 * torch.pi * m / n_fft)
+    return torch.cat([window * torch.cos(angle), -window * torch.sin(angle)]).float().to(device)
+
+
+def _query_bounds(q: int, pad: int, hop: int, block: int) -> list[int]:
+    """Query block bounds ``[0, ..., q]`` such that ``pad + bound`` is a multiple of ``hop`` (whole frames)."""
+    step = max(hop, block // hop * hop)
+    return [0, *range(step - pad, q, step), q]  # pad < hop <= step, and pad + q is a multiple of hop
+
+
+def streamed_spectrogram_ema(
+    step: MemoryStep,
+    old_ema: torch.Tensor,
+    old_carry: torch.Tensor,
+    birth_frame: torch.Tensor,
+    pad: int,
+    config: NAMMConfig,
+    block: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold one memory step's attention into the EMA of its STFT magnitudes, streaming over query blocks.
+
+    Computes exactly ``ema_update(stft_magnitudes([carry, zeros(pad), attention]), old_ema, birth_frame)``
+    but in the query-major layout the attention comes in: each frame is a matrix product of the windowed
+    DFT basis with ``n_fft`` consecutive attention rows, and each frame is folded into the EMA as soon as it
+    is complete. Only one block of ``block`` queries' attention exists at a time (see
+    :meth:`namm.cache.EvictingLayer.attention_blocks`), never the whole ``(Q, T)`` matrix.
+
+    Args:
+        step: the memory step (its attention, whole or in blocks).
+        old_ema: ``(B, H, T, K)`` state before the step, zero for tokens born in it.
+        old_carry: ``(B, H, T, n_fft - hop)`` previous step's last attention values, zero for new tokens.
+        birth_frame: ``(B, H, T)`` int64 first frame each token may receive (0 for old tokens).
+        pad: zero queries in front of the step's ``Q`` so that ``pad + Q`` is a multiple of ``hop``.
+
+    Returns:
+        ``new_ema`` ``(B, H, T, K)`` and ``new_carry`` ``(B, H, T, n_fft - hop)``, both float32.
+    """
+    b, h, t, k = old_ema.shape
+    n_fft, hop, n_carry, a = config.n_fft, config.hop, config.carry, config.frame_decay
+    basis = dft_basis(n_fft, old_ema.device)
+    ema = old_ema.transpose(-1, -2).contiguous()  # (B, H, K, T): the query-major layout of the attention
+    tail = old_carry.transpose(-1, -2)  # (B, H, C, T): the last n_fft - hop samples of the series so far
+    q = step.query_positions.shape[0]
+    bounds = _query_bounds(q, pad, hop, block)
+    frame = 0
+    for i, att in enumerate(attention_blocks(step, bounds)):
+        vis = att.shape[-1]
+        if tail.shape[-1] < vis:  # slots the previous block's queries could not see yet: zero attention
+            tail = torch.nn.functional.pad(tail, (0, vis - tail.shape[-1]))
+        rows = [tail[..., :vis]] if n_carry else []
+        if i == 0 and pad:
+            rows.append(att.new_zeros(b, h, pad, vis))
+        window = torch.cat([*rows, att], dim=2) if rows else att  # (B, H, C + L, V)
+        for start in range(0, window.shape[2] - n_fft + 1, hop):
+            spec = torch.matmul(basis, window[:, :, start : start + n_fft])  # (B, H, 2K, V)
+            mag = torch.hypot(spec[:, :, :k], spec[:, :, k:])
+            mag.masked_fill_((birth_frame[..., :vis] > frame)[:, :, None, :], 0.0)
+            ema[..., :vis].mul_(a).add_(mag, alpha=1.0 - a)
+            ema[..., vis:].mul_(a)
+            frame += 1
+        tail = window[:, :, window.shape[2] - n_carry :]
+    new_carry = old_carry.new_zeros(b, h, t, n_carry)
+    new_carry[:, :, : tail.shape[-1]] = tail.transpose(-1, -2)
+    return ema.transpose(-1, -2).contiguous(), new_carry
+
+
 def step_features(
     step: MemoryStep,
     config: NAMMConfig,
@@ -242,18 +314,20 @@ def step_features(
         ``features`` ``(B, H, T, recency_dim + n_spec)`` float32 (zero for invalid slots),
         ``new_ema`` ``(B, H, T, n_spec)`` and ``new_carry`` ``(B, H, T, n_fft - hop)`` (zero for invalid slots).
     """
-    if step.attention is None or step.query_positions is None:
+    if (step.attention is None and step.attention_blocks is None) or step.query_positions is None:
         raise NammError("NAMM needs the attention of every query since the previous memory step (query_window=0).")
-    att, qpos, pos, valid = step.attention, step.query_positions.to(step.positions.device), step.positions, step.valid
-    b, h, q, t = att.shape
-    if pos.shape != (b, h, t) or valid.shape != (b, h, t) or qpos.shape != (q,):
+    qpos, pos, valid = step.query_positions.to(step.positions.device), step.positions, step.valid
+    b, h, t = pos.shape
+    q = qpos.shape[0]
+    att = step.attention
+    if valid.shape != (b, h, t) or qpos.dim() != 1 or (att is not None and att.shape != (b, h, q, t)):
         raise NammError(
-            f"Inconsistent memory step: attention {tuple(att.shape)}, positions {tuple(pos.shape)}, "
-            f"valid {tuple(valid.shape)}, query_positions {tuple(qpos.shape)}."
+            f"Inconsistent memory step: attention {None if att is None else tuple(att.shape)}, positions "
+            f"{tuple(pos.shape)}, valid {tuple(valid.shape)}, query_positions {tuple(qpos.shape)}."
         )
     n_carry = config.carry
-    old_ema = _stored(ema, (b, h, t, config.n_spec), EMA_KEY, att)
-    old_carry = _stored(carry, (b, h, t, n_carry), CARRY_KEY, att)
+    old_ema = _stored(ema, (b, h, t, config.n_spec), EMA_KEY, pos)
+    old_carry = _stored(carry, (b, h, t, n_carry), CARRY_KEY, pos)
     pad = (-q) % config.hop
 
     if q == 0:
@@ -261,16 +335,12 @@ def step_features(
     else:
         # Tokens born inside this step start from an empty state and carry, whatever the runtime stored.
         old = (pos < qpos[0]).unsqueeze(-1)
-        old_ema = old_ema.masked_fill(~old, 0.0)
-        old_carry = old_carry.masked_fill(~old, 0.0)
-        signal = att.transpose(-1, -2).float()  # (B, H, T, Q)
-        series = torch.cat([old_carry, signal.new_zeros((b, h, t, pad)), signal], dim=-1)
-        spec = stft_magnitudes(series, config.n_fft, config.hop)  # (B, H, T, F, n_spec)
         birth = torch.searchsorted(qpos.contiguous(), pos.contiguous())  # local query index; 0 for old tokens
         birth_frame = torch.div(birth + pad, config.hop, rounding_mode="floor")
         birth_frame = torch.where(old.squeeze(-1), torch.zeros_like(birth_frame), birth_frame)
-        new_ema = ema_update(spec, old_ema, birth_frame, config.frame_decay)
-        new_carry = series[..., -n_carry:].clone() if n_carry else series[..., :0].clone()
+        new_ema, new_carry = streamed_spectrogram_ema(
+            step, old_ema.masked_fill(~old, 0.0), old_carry.masked_fill(~old, 0.0), birth_frame, pad, config
+        )
 
     keep = valid.unsqueeze(-1)
     new_ema = new_ema.masked_fill(~keep, 0.0)
@@ -290,6 +360,7 @@ __all__ = [
     "CARRY_KEY",
     "EMA_KEY",
     "FeatureNormaliser",
+    "dft_basis",
     "ema_update",
     "frame_weights",
     "hann_window",
@@ -297,4 +368,5 @@ __all__ = [
     "recency_code",
     "stft_magnitudes",
     "step_features",
+    "streamed_spectrogram_ema",
 ]

@@ -68,6 +68,7 @@ class NAMM(Policy):
 
     name: ClassVar[str] = "namm"
     query_window: ClassVar[int | None] = ALL_QUERIES
+    streams_attention: ClassVar[bool] = True
 
     config: NAMMConfig = field(default_factory=NAMMConfig)
     params: torch.Tensor | None = field(default=None, repr=False)

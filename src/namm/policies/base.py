@@ -8,6 +8,7 @@ tokens of every head). Gathering, compaction and bookkeeping live once, in :mod:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -38,6 +39,10 @@ class MemoryStep:
             slot, averaged over the query heads sharing a KV head; rows of padding queries are zero.
             ``None`` unless the policy sets ``query_window``.
         query_positions: ``(Q,)`` int64 absolute positions of those queries, or ``None``.
+        attention_blocks: for a policy with ``streams_attention`` (then ``attention`` is ``None``): a callable
+            taking increasing query bounds ``[0, ..., Q]`` and yielding, per range, the ``(B, H, L, V)``
+            attention of those ``L`` queries over the first ``V`` slots (the later slots are in their future).
+            See :func:`attention_blocks` for a way to read either form.
         n_seen: tokens processed so far (absolute count, padding included).
         n_real: ``(B,)`` int64, real (non-padding) tokens processed so far per row.
         state: per-token policy state, each tensor ``(B, H, T, ...)``. New slots are appended as zeros;
@@ -56,6 +61,21 @@ class MemoryStep:
     n_seen: int
     n_real: torch.Tensor
     state: dict[str, torch.Tensor] = field(default_factory=dict)
+    attention_blocks: Callable[[list[int]], Iterator[torch.Tensor]] | None = None
+
+
+def attention_blocks(step: MemoryStep, bounds: list[int]) -> Iterator[torch.Tensor]:
+    """The step's attention in query blocks ``bounds[i]:bounds[i+1]``, from whichever form the step carries.
+
+    Yields ``(B, H, L, V)`` float32 blocks; slots past ``V`` got no attention from the block's queries.
+    """
+    if step.attention_blocks is not None:
+        yield from step.attention_blocks(bounds)
+        return
+    if step.attention is None:
+        raise NammError("This memory step carries no attention (the policy must set query_window).")
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        yield step.attention[:, :, lo:hi].float()
 
 
 def recent_mask(step: MemoryStep, window: int) -> torch.Tensor:
@@ -80,6 +100,9 @@ class Policy:
     query_window: ClassVar[int | None] = None
     #: Short name used by the CLI and the registry.
     name: ClassVar[str] = "base"
+    #: True for policies that read the attention block by block (:func:`attention_blocks`): the runtime then
+    #: never builds the whole ``(B, H, Q, T)`` matrix.
+    streams_attention: ClassVar[bool] = False
     #: False for policies that never evict: the engine may then prefill in one pass (no cadence to keep).
     evicts: ClassVar[bool] = True
 
