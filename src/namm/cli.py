@@ -264,17 +264,25 @@ def compare(
 def demo(
     model: str = typer.Option("smollm2-135m"),
     length: int = typer.Option(2048, help="Passkey prompt length in tokens."),
-    budget: str = typer.Option("0.25"),
+    budget: str = typer.Option("0.25", help="Baselines' budget when no NAMM is bundled for the model."),
     samples: int = typer.Option(4),
-    delay: int = typer.Option(512),
+    delay: int = typer.Option(None, help="Memory-step cadence (default: the bundled NAMM's, else 512)."),
     out: Path = typer.Option(Path("runs/demo")),
 ) -> None:
-    """The main job: compare every policy on passkey prompts at one budget and print the table."""
-    from namm.memory import bundled_checkpoints  # noqa: PLC0415
+    """The main job: compare every policy on passkey prompts and print the table.
 
-    names = "full,streaming,h2o,l2,snapkv,random" + (",namm" if model in bundled_checkpoints() else "")
-    compare(model=model, task="passkey", policies=names, budget=budget, match_budget=None,
-            namm_checkpoint=model if "namm" in names else None, samples=samples, max_length=length, seed=0,
+    When a NAMM is bundled for the model, it joins the comparison and every baseline gets, sample by
+    sample, the cache size the NAMM reached (``--match-budget namm``); otherwise the baselines run at
+    ``--budget``.
+    """
+    from namm.memory import NAMM, bundled_checkpoints  # noqa: PLC0415
+
+    shipped = model in bundled_checkpoints()
+    names = "full,streaming,h2o,l2,snapkv,random" + (",namm" if shipped else "")
+    if delay is None:
+        delay = NAMM.from_pretrained(model).config.delay if shipped else 512
+    compare(model=model, task="passkey", policies=names, budget=budget, match_budget="namm" if shipped else None,
+            namm_checkpoint=model if shipped else None, samples=samples, max_length=length, seed=0,
             offset=0, delay=delay, chunk_size=None, question_agnostic=False, out=out)
 
 
