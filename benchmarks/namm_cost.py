@@ -83,7 +83,8 @@ def write(args, rows) -> None:
     lines = [
         "## NAMM memory-step cost (issue 3)",
         "",
-        f"`python benchmarks/namm_cost.py --lengths {' '.join(map(str, args.lengths))} --repeats {args.repeats}` "
+        f"`python benchmarks/namm_cost.py --lengths {' '.join(map(str, args.lengths))} --repeats {args.repeats}"
+        f"{' --checkpoint ' + args.checkpoint if args.checkpoint else ''}` "
         f"on {args.model}, fp32, 2 threads, {platform.machine()}, torch {torch.__version__}, "
         f"{time.strftime('%Y-%m-%d')}. Medians of {args.repeats} interleaved repeats, memory step every "
         f"{args.delay} tokens, all engine runs prefill in {args.delay}-token chunks. Ratios against the Full "
