@@ -25,6 +25,8 @@ Deviations from the reference (which raises when ``Q`` is not a multiple of ``ho
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from namm.errors import NammError
@@ -35,9 +37,11 @@ EMA_KEY = "namm_ema"
 CARRY_KEY = "namm_carry"
 
 
-def hann_window(n_fft: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """``(n_fft,)`` float32 periodic Hann window ``0.5 - 0.5 cos(2 pi m / n_fft)``."""
-    return torch.hann_window(n_fft, periodic=True, dtype=torch.float32, device=device)
+def hann_window(
+    n_fft: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``(n_fft,)`` periodic Hann window ``0.5 - 0.5 cos(2 pi m / n_fft)`` (float32 unless ``dtype`` says)."""
+    return torch.hann_window(n_fft, periodic=True, dtype=dtype, device=device)
 
 
 def stft_magnitudes(signal: torch.Tensor, n_fft: int = 32, hop: int = 16) -> torch.Tensor:
@@ -220,13 +224,18 @@ def _stored(state: torch.Tensor | None, shape: tuple[int, ...], name: str, like:
     return state.float()
 
 
+@functools.lru_cache(maxsize=8)
 def dft_basis(n_fft: int, device: torch.device | str | None = None) -> torch.Tensor:
     """``(2K, n_fft)`` float32 windowed one-sided DFT, ``K = n_fft // 2 + 1``: rows ``k < K`` hold
-    ``w[m] cos(2 pi k m / n_fft)``, rows ``K + k`` hold ``-w[m] sin(2 pi k m / n_fft)`` (``w`` periodic Hann)."""
+    ``w[m] cos(2 pi k m / n_fft)``, rows ``K + k`` hold ``-w[m] sin(2 pi k m / n_fft)`` (``w`` periodic Hann).
+
+    Built in float64 once per ``(n_fft, device)`` and cached: every memory step of every layer reuses it
+    (callers must not modify it in place).
+    """
     m = torch.arange(n_fft, dtype=torch.float64, device=_float64_device(torch.device(device or "cpu")))
     k = torch.arange(n_fft // 2 + 1, dtype=torch.float64, device=m.device)
     angle = 2.0 * torch.pi * k[:, None] * m[None, :] / n_fft
-    window = 0.5 - 0.5 * torch.cos(2.0 * torch.pi * m / n_fft)
+    window = hann_window(n_fft, m.device, dtype=torch.float64)
     return torch.cat([window * torch.cos(angle), -window * torch.sin(angle)]).float().to(device)
 
 
