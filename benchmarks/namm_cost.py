@@ -60,10 +60,15 @@ def main() -> None:
     keep_all = namm.NAMM()
     member = namm.NAMM()
     member.set_params(torch.randn(member.n_params, generator=torch.Generator().manual_seed(0)) * 0.065)
-    configs = {"Full (engine, 512-token chunks)": Full(), "NAMM, zero params (keeps all)": keep_all,
+    configs = {f"Full (engine, {args.delay}-token chunks)": Full(), "NAMM, zero params (keeps all)": keep_all,
                "NAMM, random member (evicts)": member}
-    if args.checkpoint:
-        configs["NAMM, evolved"] = namm.NAMM.from_pretrained(args.checkpoint)
+    delays = dict.fromkeys(configs, args.delay)
+    if args.checkpoint:  # timed at the cadence it was evolved with, next to Full at that cadence
+        evolved = namm.NAMM.from_pretrained(args.checkpoint)
+        d = evolved.config.delay
+        configs[f"NAMM, evolved (step every {d})"] = evolved
+        configs[f"Full (engine, {d}-token chunks)"] = Full()
+        delays.update({f"NAMM, evolved (step every {d})": d, f"Full (engine, {d}-token chunks)": d})
     rows = {}
     for length in args.lengths:
         ids = make_ids(tok, length)
@@ -71,7 +76,7 @@ def main() -> None:
         runs["eager reference (output_attentions)"] = []
         for rep in range(args.repeats):
             for name, policy in configs.items():
-                runs[name].append(run(model, tok, ids, policy, args.delay))
+                runs[name].append(run(model, tok, ids, policy, delays[name]))
                 print(f"[{length}] rep {rep} {name}: {runs[name][-1]}", flush=True)
             runs["eager reference (output_attentions)"].append({"prefill": eager_reference(model, ids),
                                                                  "memory": 0.0, "cache": 1.0})
@@ -87,15 +92,18 @@ def write(args, rows) -> None:
         f"{' --checkpoint ' + args.checkpoint if args.checkpoint else ''}` "
         f"on {args.model}, fp32, 2 threads, {platform.machine()}, torch {torch.__version__}, "
         f"{time.strftime('%Y-%m-%d')}. Medians of {args.repeats} interleaved repeats, memory step every "
-        f"{args.delay} tokens, all engine runs prefill in {args.delay}-token chunks. Ratios against the Full "
-        "engine measured in the same run.",
+        f"{args.delay} tokens (the evolved NAMM: at the cadence it was evolved with), engine runs prefill in "
+        "chunks of the memory-step cadence. Each ratio is against the Full engine at the same chunk size, "
+        "measured in the same run.",
         "",
         "| length | configuration | prefill s | x Full | memory steps s | mean cache |",
         "|---|---|---|---|---|---|",
     ]
     for length, table in rows.items():
-        base = table["Full (engine, 512-token chunks)"]["prefill"]
         for name, r in table.items():
+            chunks = name.split("step every ")[-1].rstrip(")") if "evolved" in name else str(args.delay)
+            default = table[f"Full (engine, {args.delay}-token chunks)"]
+            base = table.get(f"Full (engine, {chunks}-token chunks)", default)["prefill"]
             lines.append(f"| {length} | {name} | {r['prefill']:.2f} | {r['prefill'] / base:.2f} | "
                          f"{r['memory']:.2f} | {r['cache']:.0%} |")
     print(write_section(args.out, "namm-cost", lines))

@@ -52,7 +52,7 @@ def main() -> None:
 
 def column(r: dict) -> str:
     """A result's column label: the policy, with its budget when it has a fixed one."""
-    fixed = r["budget"] not in ("100%", "learned", "matched to namm")
+    fixed = r["budget"] not in ("100%", "learned") and not r["budget"].startswith("matched to namm")
     return f"{r['policy']} @ {r['budget']}" if fixed else r["policy"]
 
 

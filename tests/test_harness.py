@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from conftest import random_prompt
@@ -60,20 +61,59 @@ def test_compare_full_against_itself_is_exactly_one(llama, tokenizer, tmp_path):
     assert (tmp_path / "echo__results.png").stat().st_size > 1000
 
 
-def test_match_budget_gives_baselines_the_namm_cache(llama, tokenizer, tmp_path):
+def _evicting_namm(seed: int = 0):
     import namm
 
+    policy = namm.NAMM()
+    policy.set_params(torch.randn(policy.n_params, generator=torch.Generator().manual_seed(seed)) * 0.5)
+    return policy
+
+
+def test_match_budget_gives_baselines_the_namm_cache_at_every_step(llama, tokenizer, tmp_path):
     task = EchoTask()
     samples = task.samples(2, length=80)
-    policy = namm.NAMM()
-    policy.set_params(__import__("torch").randn(policy.n_params) * 0.5)
-    rows = compare(llama, tokenizer, task, samples, ["namm", "h2o"], [], tmp_path, match_budget="namm",
-                   namm_policy=policy, delay=16, progress=False)
+    rows = compare(llama, tokenizer, task, samples, ["namm", "h2o", "streaming"], [], tmp_path, match_budget="namm",
+                   namm_policy=_evicting_namm(), delay=16, progress=False)
+    namm_recs = read_records(tmp_path / "echo__namm.jsonl")
+    assert all(len(r["kept_per_step"]) >= 3 for r in namm_recs)
+    assert any(k < n for r in namm_recs for n, k in r["kept_per_step"])  # the NAMM did evict
+    for label in ("h2o@namm-steps", "streaming@namm-steps"):
+        for a, b in zip(namm_recs, read_records(tmp_path / f"echo__{label}.jsonl"), strict=True):
+            assert [n for n, _ in a["kept_per_step"]] == [n for n, _ in b["kept_per_step"]]
+            for (_, ka), (_, kb) in zip(a["kept_per_step"], b["kept_per_step"], strict=True):
+                assert abs(ka - kb) <= 1.0  # same cache size after every memory step, up to rounding
+            assert abs(a["mean_kv_tokens"] - b["mean_kv_tokens"]) <= 1.0
+    by = {r["label"]: r for r in rows}
+    assert set(by) == {"full", "namm", "h2o@namm-steps", "streaming@namm-steps"}
+    assert by["h2o@namm-steps"]["budget"] == "matched to namm, per step"
+
+
+def test_match_budget_namm_mean_is_the_papers_fixed_budget(llama, tokenizer, tmp_path):
+    task = EchoTask()
+    samples = task.samples(2, length=80)
+    rows = compare(llama, tokenizer, task, samples, ["namm", "h2o"], [], tmp_path, match_budget="namm-mean",
+                   namm_policy=_evicting_namm(), delay=16, progress=False)
     namm_recs = read_records(tmp_path / "echo__namm.jsonl")
     h2o_recs = read_records(tmp_path / "echo__h2o@namm.jsonl")
     for a, b in zip(namm_recs, h2o_recs, strict=True):
         assert abs(a["mean_kept_tokens"] - b["mean_kept_tokens"]) <= 1.0 or a["mean_kept_tokens"] < 1
     assert {r["label"] for r in rows} == {"full", "namm", "h2o@namm"}
+
+
+def test_match_budget_refuses_old_records_and_bad_modes(llama, tokenizer, tmp_path):
+    task = EchoTask()
+    samples = task.samples(1, length=40)
+    with pytest.raises(NammError, match="--match-budget must be one of"):
+        compare(llama, tokenizer, task, samples, ["namm", "h2o"], [], tmp_path, match_budget="h2o",
+                namm_policy=_evicting_namm(), delay=16, progress=False)
+    compare(llama, tokenizer, task, samples, ["namm"], [], tmp_path, namm_policy=_evicting_namm(), delay=16,
+            progress=False)
+    file = tmp_path / "echo__namm.jsonl"
+    old = [json.loads(line) for line in file.read_text().splitlines()]
+    file.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "kept_per_step"}) + "\n" for r in old))
+    with pytest.raises(NammError, match="predates per-step cache sizes"):
+        compare(llama, tokenizer, task, samples, ["namm", "h2o"], [], tmp_path, match_budget="namm",
+                namm_policy=_evicting_namm(), delay=16, progress=False)
 
 
 def test_question_agnostic_needs_a_split(llama, tokenizer, tmp_path):

@@ -9,7 +9,19 @@ from hypothesis import strategies as st
 
 import namm
 from conftest import random_prompt
-from namm.policies import H2O, POLICIES, Full, L2Norm, MemoryStep, Random, SnapKV, StreamingLLM, make_policy
+from namm.errors import NammError
+from namm.policies import (
+    H2O,
+    POLICIES,
+    BudgetSchedule,
+    Full,
+    L2Norm,
+    MemoryStep,
+    Random,
+    SnapKV,
+    StreamingLLM,
+    make_policy,
+)
 from namm.policies.selection import threshold_keep, top_k_keep
 
 BUDGETED = [StreamingLLM(budget=24), H2O(budget=24), L2Norm(budget=24), SnapKV(budget=24, window=8), Random(budget=24)]
@@ -63,6 +75,18 @@ def test_fractional_budget_tracks_tokens_seen(llama, tokenizer):
     out = namm.generate(llama, tokenizer, random_prompt(128), L2Norm(budget=0.25), max_new_tokens=2, delay=32)
     for step in out.stats.steps:
         assert max(max(row) for row in step["kept"]) == -(-step["n_seen"] // 4)
+
+
+def test_budget_schedule_sets_the_cache_size_of_every_step(llama, tokenizer):
+    schedule = BudgetSchedule(((64, 40), (96, 70), (128, 20)))
+    assert [schedule.at(n) for n in (32, 64, 95, 96, 128, 400)] == [40, 40, 40, 70, 20, 20]
+    out = namm.generate(llama, tokenizer, random_prompt(150), H2O(budget=schedule), max_new_tokens=2, delay=32)
+    kept = {s["n_seen"]: max(max(row) for row in s["kept"]) for s in out.stats.steps}
+    assert kept[32] == 32 and kept[64] == 40 and kept[96] == 70 and kept[128] == 20
+    assert "3-step schedule" in H2O(budget=schedule).describe()
+    for bad in [(), ((64, 4), (32, 4)), ((64, 0),)]:
+        with pytest.raises(NammError, match="BudgetSchedule"):
+            BudgetSchedule(bad)
 
 
 def test_streaming_keeps_sinks_and_recent_window():

@@ -228,7 +228,9 @@ def compare(
     task: str = typer.Option("passkey", help="Task name, or several separated by commas."),
     policies: str = typer.Option("full,streaming,h2o,l2,snapkv,random", help="Comma-separated policy names."),
     budget: str = typer.Option("0.25", help="Budget(s) for the baselines, comma-separated (tokens or fractions)."),
-    match_budget: str = typer.Option(None, help="'namm': give each baseline the cache size NAMM reached."),
+    match_budget: str = typer.Option(
+        None, help="'namm': give each baseline the NAMM's cache size after every memory step (same sample); "
+        "'namm-mean': one fixed budget, the NAMM's mean size (the paper's rule)."),
     namm_checkpoint: str = typer.Option(None),
     samples: int = typer.Option(8),
     max_length: int = typer.Option(2048),
@@ -272,8 +274,8 @@ def demo(
     """The main job: compare every policy on passkey prompts and print the table.
 
     When a NAMM is bundled for the model, it joins the comparison and every baseline gets, sample by
-    sample, the cache size the NAMM reached (``--match-budget namm``); otherwise the baselines run at
-    ``--budget``.
+    sample and memory step by step, the cache size the NAMM kept (``--match-budget namm``); otherwise the
+    baselines run at ``--budget``.
     """
     from namm.memory import NAMM, bundled_checkpoints  # noqa: PLC0415
 

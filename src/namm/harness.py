@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from namm.engine import generate
 from namm.errors import NammError
-from namm.policies import Full, Policy, make_policy
+from namm.policies import BudgetSchedule, Full, Policy, make_policy
 from namm.tasks import Sample, Task
 
 
@@ -34,6 +34,25 @@ def mean_kept_after_steps(stats) -> float | None:
     if not stats.steps:
         return None
     return statistics.fmean(v for s in stats.steps for row in s["kept"] for v in row)
+
+
+def kept_per_step(stats) -> list[list[float]]:
+    """``[[n_seen, mean tokens per head], ...]`` right after each memory step (mean over layers, rows, heads)."""
+    by_seen: dict[int, list[float]] = {}
+    for s in stats.steps:
+        by_seen.setdefault(s["n_seen"], []).extend(v for row in s["kept"] for v in row)
+    return [[n, statistics.fmean(v)] for n, v in sorted(by_seen.items())]
+
+
+def matched_schedule(record: dict) -> BudgetSchedule | None:
+    """The NAMM's cache size at each of its memory steps on this sample, as a budget schedule (None: no step)."""
+    if "kept_per_step" not in record:
+        raise NammError(
+            f"Record {record.get('id')!r} of {record.get('task')!r} predates per-step cache sizes; delete its "
+            "namm__*.jsonl file in the --out directory so the NAMM runs again, or use --match-budget namm-mean."
+        )
+    steps = record["kept_per_step"]
+    return BudgetSchedule(tuple((int(n), max(1, round(k))) for n, k in steps)) if steps else None
 
 
 def run_sample(model, tokenizer, task: Task, sample: Sample, policy: Policy, *, delay: int,
@@ -57,6 +76,7 @@ def run_sample(model, tokenizer, task: Task, sample: Sample, policy: Policy, *, 
         "prompt_tokens": s.prompt_tokens[0],
         "kept_tokens": s.kept_tokens,
         "mean_kept_tokens": mean_kept_after_steps(s),
+        "kept_per_step": kept_per_step(s),
         "mean_kv_tokens": s.mean_kv_tokens,
         "cache_fraction": s.cache_fraction,
         "peak_kv_tokens": s.peak_kv_tokens,
@@ -111,6 +131,10 @@ def evaluate(
     return records
 
 
+#: ``--match-budget`` modes: per memory step (fair) and the paper's single mean budget.
+MATCH_MODES = ("namm", "namm-mean")
+
+
 @dataclass
 class Entry:
     """One row of a comparison: a policy at one budget, over the shared samples."""
@@ -145,9 +169,13 @@ def compare(
 ) -> list[dict]:
     """Run ``policies`` on the same samples; write per-run JSON lines, ``results.json`` and ``results.png``.
 
-    Baselines run at every budget in ``budgets``; with ``match_budget="namm"`` they instead get, sample by
-    sample, the mean cache size the NAMM kept after its memory steps. Scores are reported absolute (x100)
-    and relative to the full cache on the same samples.
+    Baselines run at every budget in ``budgets``. With ``match_budget="namm"`` they instead get, sample by
+    sample and memory step by memory step, the cache size the NAMM kept at that step (a
+    :class:`BudgetSchedule`), so both hold the same number of tokens per head after every step. With
+    ``"namm-mean"`` they get the paper's rule: one fixed budget per sample, the NAMM's mean size after its
+    steps (a fixed budget bites from the first step on, so the baseline ends with less cache than the
+    NAMM when the NAMM's cache grows over the prompt). Scores are reported absolute (x100) and relative to
+    the full cache on the same samples.
     """
     names = [p.lower() for p in policies]
     if "full" not in names:
@@ -168,21 +196,29 @@ def compare(
         if namm_policy is None:
             raise NammError("compare: the namm policy needs a checkpoint (--namm-checkpoint).")
         namm_entry = run("namm", namm_policy, "learned")
-    if match_budget is not None and match_budget != "namm":
-        raise NammError(f"--match-budget only supports 'namm', got {match_budget!r}.")
-    if match_budget == "namm" and namm_entry is None:
-        raise NammError("--match-budget namm needs namm among --policies.")
+    if match_budget not in (None, *MATCH_MODES):
+        raise NammError(f"--match-budget must be one of {', '.join(MATCH_MODES)}, got {match_budget!r}.")
+    if match_budget is not None and namm_entry is None:
+        raise NammError(f"--match-budget {match_budget} needs namm among --policies.")
     for name in names:
         if name in ("full", "namm"):
             continue
         if match_budget == "namm":
+            schedules = {r["id"]: matched_schedule(r) for r in namm_entry.records}
+
+            def factory(sample, name=name, schedules=schedules):
+                schedule = schedules[sample.id]
+                return Full() if schedule is None else make_policy(name, budget=schedule)
+
+            run(f"{name}@namm-steps", factory, "matched to namm, per step")
+        elif match_budget == "namm-mean":
             matched = {r["id"]: r["mean_kept_tokens"] for r in namm_entry.records}
 
             def factory(sample, name=name, matched=matched):
                 kept = matched[sample.id]
                 return Full() if kept is None else make_policy(name, budget=max(1, round(kept)))
 
-            run(f"{name}@namm", factory, "matched to namm")
+            run(f"{name}@namm", factory, "matched to namm (mean)")
         else:
             for budget in budgets:
                 label = f"{name}@{budget}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from namm.errors import NammError
-from namm.policies.base import ALL_QUERIES, BudgetPolicy, MemoryStep, Policy
+from namm.policies.base import ALL_QUERIES, BudgetPolicy, BudgetSchedule, MemoryStep, Policy
 from namm.policies.classic import H2O, Full, L2Norm, Random, SnapKV, StreamingLLM
 
 POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (Full, StreamingLLM, H2O, L2Norm, SnapKV, Random)}
@@ -49,6 +49,7 @@ __all__ = [
     "H2O",
     "POLICIES",
     "BudgetPolicy",
+    "BudgetSchedule",
     "Full",
     "L2Norm",
     "MemoryStep",

@@ -121,18 +121,57 @@ class Policy:
         return repr(self)
 
 
+@dataclass(frozen=True)
+class BudgetSchedule:
+    """A token budget that changes over the prompt: ``steps`` is ``((n_seen, tokens), ...)``, increasing in
+    ``n_seen``; a memory step that has seen ``n`` tokens gets the budget of the last entry with
+    ``n_seen <= n`` (the first entry's before it).
+
+    Used to compare a baseline with a NAMM at the same cache size *at every memory step*: the NAMM's cache
+    grows and shrinks over a prompt, so one fixed budget would give the baseline a different cache size
+    at every step (see ``namm compare --match-budget namm``).
+    """
+
+    steps: tuple[tuple[int, int], ...]
+
+    def __post_init__(self) -> None:
+        if not self.steps:
+            raise NammError("BudgetSchedule needs at least one (n_seen, tokens) entry.")
+        seen = [n for n, _ in self.steps]
+        if seen != sorted(set(seen)):
+            raise NammError(f"BudgetSchedule entries must have strictly increasing n_seen, got {seen}.")
+        if min(t for _, t in self.steps) < 1:
+            raise NammError(f"BudgetSchedule budgets must be at least 1 token, got {self.steps}.")
+
+    def at(self, n_seen: int) -> int:
+        """The budget in tokens for a memory step that has seen ``n_seen`` tokens."""
+        budget = self.steps[0][1]
+        for n, tokens in self.steps:
+            if n > n_seen:
+                break
+            budget = tokens
+        return budget
+
+    def __str__(self) -> str:
+        sizes = [t for _, t in self.steps]
+        return f"{len(sizes)}-step schedule, {min(sizes)}-{max(sizes)} tokens"
+
+
 @dataclass
 class BudgetPolicy(Policy):
     """A policy that keeps, in every head, the ``budget`` highest-scored tokens.
 
-    ``budget`` is a token count (``int >= 1``) or a fraction of the tokens seen so far (``0 < float <= 1``).
+    ``budget`` is a token count (``int >= 1``), a fraction of the tokens seen so far (``0 < float <= 1``)
+    or a :class:`BudgetSchedule` of token counts per memory step.
     """
 
-    budget: int | float = 0.25
+    budget: int | float | BudgetSchedule = 0.25
 
     def __post_init__(self) -> None:
         b = self.budget
         name = type(self).__name__
+        if isinstance(b, BudgetSchedule):
+            return
         if isinstance(b, bool) or not isinstance(b, (int, float)):
             raise NammError(f"{name}: budget must be a token count or a fraction, got {b!r}.")
         if isinstance(b, float) and not 0.0 < b <= 1.0:
@@ -143,8 +182,11 @@ class BudgetPolicy(Policy):
         if isinstance(b, int) and b < 1:
             raise NammError(f"{name}: budget must be at least 1 token (or a fraction in (0, 1]), got {b}.")
 
-    def budget_tokens(self, n_real: torch.Tensor) -> torch.Tensor:
-        """``(B,)`` int64: tokens each head of each row may keep, given ``n_real`` tokens seen per row."""
+    def budget_tokens(self, step: MemoryStep) -> torch.Tensor:
+        """``(B,)`` int64: tokens each head of each row may keep at this memory step."""
+        n_real = step.n_real
+        if isinstance(self.budget, BudgetSchedule):
+            return torch.clamp(n_real, max=self.budget.at(step.n_seen))
         if isinstance(self.budget, int):
             return torch.clamp(n_real, max=self.budget)
         return torch.ceil(n_real.double() * self.budget).long().clamp(min=1)
@@ -157,11 +199,12 @@ class BudgetPolicy(Policy):
             )
 
     def keep(self, step: MemoryStep, scores: torch.Tensor) -> torch.Tensor:
-        return top_k_keep(scores, step.valid, self.budget_tokens(step.n_real))
+        return top_k_keep(scores, step.valid, self.budget_tokens(step))
 
     def describe(self) -> str:
-        b = f"{self.budget:.0%}" if isinstance(self.budget, float) else f"{self.budget} tokens"
+        b = self.budget
+        b = f"{b:.0%}" if isinstance(b, float) else str(b) if isinstance(b, BudgetSchedule) else f"{b} tokens"
         return f"{self.name} (budget {b})"
 
 
-__all__ = ["ALL_QUERIES", "BudgetPolicy", "MemoryStep", "Policy", "protect", "recent_mask"]
+__all__ = ["ALL_QUERIES", "BudgetPolicy", "BudgetSchedule", "MemoryStep", "Policy", "protect", "recent_mask"]

@@ -58,7 +58,7 @@ class H2O(BudgetPolicy):
         acc = step.state.get("h2o_acc", torch.zeros_like(step.positions, dtype=torch.float32))
         acc = acc + step.attention.sum(dim=2)
         step.state["h2o_acc"] = acc
-        recent = int(self.budget_tokens(step.n_real).max().item() * self.recent_ratio)
+        recent = int(self.budget_tokens(step).max().item() * self.recent_ratio)
         return protect(acc, recent_mask(step, recent))
 
 
