@@ -6,12 +6,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from _report import write_section
 
-from namm.evolution.plot import plot_run
+from namm.errors import NammError
+from namm.evolution.plot import plot_run, read_log
 
 
 def fmt(value, spec: str) -> str:
@@ -26,10 +26,10 @@ def main() -> None:
     ap.add_argument("--note", default="", help="A paragraph printed under the title.")
     ap.add_argument("--out", type=Path, default=Path("docs/evolution.md"))
     args = ap.parse_args()
-    log = args.run_dir / "log.jsonl"
-    if not log.exists():
-        raise SystemExit(f"no log.jsonl in {args.run_dir}")
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    try:
+        rows = read_log(args.run_dir)
+    except NammError as e:
+        raise SystemExit(str(e)) from None
     png = args.out.parent / "evolution" / f"{args.name}.png"
     png.parent.mkdir(parents=True, exist_ok=True)
     plot_run(args.run_dir, png)

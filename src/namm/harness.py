@@ -44,8 +44,15 @@ def kept_per_step(stats) -> list[list[float]]:
     return [[n, statistics.fmean(v)] for n, v in sorted(by_seen.items())]
 
 
-def matched_schedule(record: dict) -> BudgetSchedule | None:
-    """The NAMM's cache size at each of its memory steps on this sample, as a budget schedule (None: no step)."""
+def matched_budget(record: dict, mode: str) -> BudgetSchedule | int | None:
+    """A baseline's budget matching the NAMM's ``record`` on one sample (None: the NAMM took no step).
+
+    ``"namm"``: the NAMM's cache size at each of its memory steps, as a :class:`BudgetSchedule`;
+    ``"namm-mean"``: one token budget, its mean size after the steps (the paper's rule).
+    """
+    if mode == "namm-mean":
+        kept = record["mean_kept_tokens"]
+        return None if kept is None else max(1, round(kept))
     if "kept_per_step" not in record:
         raise NammError(
             f"Record {record.get('id')!r} of {record.get('task')!r} predates per-step cache sizes; delete its "
@@ -131,8 +138,12 @@ def evaluate(
     return records
 
 
-#: ``--match-budget`` modes: per memory step (fair) and the paper's single mean budget.
-MATCH_MODES = ("namm", "namm-mean")
+#: ``--match-budget`` modes -> (label suffix, budget column): per memory step (fair) and the paper's single
+#: mean budget.
+MATCH_MODES = {
+    "namm": ("@namm-steps", "matched to namm, per step"),
+    "namm-mean": ("@namm", "matched to namm (mean)"),
+}
 
 
 @dataclass
@@ -200,25 +211,18 @@ def compare(
         raise NammError(f"--match-budget must be one of {', '.join(MATCH_MODES)}, got {match_budget!r}.")
     if match_budget is not None and namm_entry is None:
         raise NammError(f"--match-budget {match_budget} needs namm among --policies.")
-    for name in names:
-        if name in ("full", "namm"):
-            continue
-        if match_budget == "namm":
-            schedules = {r["id"]: matched_schedule(r) for r in namm_entry.records}
+    baselines = [n for n in names if n not in ("full", "namm")]
+    if match_budget is not None and baselines:  # the same per-sample budgets for every baseline
+        matched = {r["id"]: matched_budget(r, match_budget) for r in namm_entry.records}
+    for name in baselines:
+        if match_budget is not None:
 
-            def factory(sample, name=name, schedules=schedules):
-                schedule = schedules[sample.id]
-                return Full() if schedule is None else make_policy(name, budget=schedule)
+            def factory(sample, name=name):
+                budget = matched[sample.id]
+                return Full() if budget is None else make_policy(name, budget=budget)
 
-            run(f"{name}@namm-steps", factory, "matched to namm, per step")
-        elif match_budget == "namm-mean":
-            matched = {r["id"]: r["mean_kept_tokens"] for r in namm_entry.records}
-
-            def factory(sample, name=name, matched=matched):
-                kept = matched[sample.id]
-                return Full() if kept is None else make_policy(name, budget=max(1, round(kept)))
-
-            run(f"{name}@namm", factory, "matched to namm (mean)")
+            suffix, budget_text = MATCH_MODES[match_budget]
+            run(f"{name}{suffix}", factory, budget_text)
         else:
             for budget in budgets:
                 label = f"{name}@{budget}"
