@@ -49,6 +49,37 @@ def test_eval_resumes_without_duplicating(llama, tokenizer, tmp_path):
     assert all(set(r) >= {"prediction", "answers", "score", "kept_tokens", "seconds"} for r in on_disk)
 
 
+def test_resume_refuses_records_of_another_setting(llama, tokenizer, tmp_path):
+    task = EchoTask()
+    out = tmp_path / "echo.jsonl"
+    first = evaluate(llama, tokenizer, task, H2O(budget=0.5), task.samples(2, length=50), out_file=out, delay=16,
+                     progress=False)
+    assert set(first[0]["setting"]) == {"model", "prompt", "policy", "delay", "chunk_size", "question_agnostic",
+                                        "max_new_tokens"}
+    # the same setting resumes without recomputing
+    again = evaluate(llama, tokenizer, task, H2O(budget=0.5), task.samples(2, length=50), out_file=out, delay=16,
+                     progress=False)
+    assert again == first and len(read_records(out)) == 2
+    for what, kwargs in {
+        "prompt": dict(policy=H2O(budget=0.5), samples=task.samples(2, length=60), delay=16),
+        "policy": dict(policy=H2O(budget=0.25), samples=task.samples(2, length=50), delay=16),
+        "delay": dict(policy=H2O(budget=0.5), samples=task.samples(2, length=50), delay=32),
+    }.items():
+        with pytest.raises(NammError, match=f"another setting.*{what}.*another --out"):
+            evaluate(llama, tokenizer, task, kwargs["policy"], kwargs["samples"], out_file=out,
+                     delay=kwargs["delay"], progress=False)
+    assert len(read_records(out)) == 2, "a refused resume must not touch the file"
+    # a NAMM's fingerprint follows its weights, not just its config
+    a, b = _evicting_namm(0), _evicting_namm(1)
+    assert a.fingerprint() != b.fingerprint() and a.fingerprint() == _evicting_namm(0).fingerprint()
+    # records written before settings existed are still reused
+    legacy = tmp_path / "legacy.jsonl"
+    legacy.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "setting"}) + "\n" for r in first))
+    kept = evaluate(llama, tokenizer, task, Full(), task.samples(2, length=50), out_file=legacy, delay=16,
+                    progress=False)
+    assert [r["prediction"] for r in kept] == [r["prediction"] for r in first]
+
+
 def test_compare_full_against_itself_is_exactly_one(llama, tokenizer, tmp_path):
     task = EchoTask()
     samples = task.samples(3, length=70)

@@ -58,3 +58,22 @@ def test_gemma3_global_layers_only(tmp_path):
     assert out.token_ids == ref[0, ids.shape[1] :].tolist()[: len(out.token_ids)]
     cache = namm.MemoryCache(model, H2O(budget=64), delay=128)
     assert len(cache.managed) == 3 and [lay.layer_idx for lay in cache.managed] == [5, 11, 17]
+
+
+def test_demo_runs_on_the_bundled_model_and_keeps_each_length_apart(tmp_path, monkeypatch):
+    """The README's main job, small: the bundled NAMM against every baseline; another --length gets its own
+    directory instead of meeting the first run's records."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from namm.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    for length in (300, 340):
+        result = CliRunner().invoke(app, ["demo", "--length", str(length), "--samples", "1"])
+        assert result.exit_code == 0, result.output
+        saved = json.loads((tmp_path / f"runs/demo/smollm2-135m-{length}/passkey__results.json").read_text())
+        labels = [r["label"] for r in saved["results"]]
+        assert labels[:2] == ["full", "namm"] and len(labels) == 7
+        assert all(r["label"] == "full" or r["budget"] != "100%" for r in saved["results"])

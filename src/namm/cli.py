@@ -1,8 +1,9 @@
-"""The ``namm`` command line: ``generate``, ``policies`` and ``demo`` (more commands join as they land)."""
+"""The ``namm`` command line: generate, policies, eval, compare, demo, evolve, evolve-plot."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -14,6 +15,13 @@ from namm.errors import NammError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Learned, evolved KV-cache memory for LLMs.")
 console = Console(stderr=True)
+
+
+def _table_console() -> Console:
+    """Standard output for result tables: the terminal's width, or 140 columns when piped to a file or
+    log (rich's default of 80 there folds the budget column over several lines)."""
+    out = Console()
+    return out if out.is_terminal else Console(width=140)
 
 
 def parse_budget(text: str | None) -> int | float | None:
@@ -154,7 +162,7 @@ def policies() -> None:
         params = ", ".join(f"{k}={v!r}" for k, v in policy_parameters(cls).items())
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         table.add_row(name, cls.__name__, params or "-", doc)
-    Console().print(table)
+    _table_console().print(table)
 
 
 def _split(text: str) -> list[str]:
@@ -217,7 +225,7 @@ def eval_cmd(
         entry = Entry(label, policy.lower(), budget or "-", records)
         row = entry.summary({r["id"]: r["score"] for r in records})
         row["relative"] = float("nan")
-        Console().print(_summary_table(f"{tsk.name}: {len(records)} samples -> {file}", [row]))
+        _table_console().print(_summary_table(f"{tsk.name}: {len(records)} samples -> {file}", [row]))
 
     _run(body)
 
@@ -256,7 +264,7 @@ def compare(
             rows = run_compare(mdl, tok, tsk, items, names, budgets, out, match_budget=match_budget,
                                namm_policy=namm_pol, delay=delay, chunk_size=chunk_size,
                                question_agnostic=question_agnostic)
-            Console().print(_summary_table(f"{tsk.name} @ {max_length} tokens, {len(items)} samples", rows))
+            _table_console().print(_summary_table(f"{tsk.name} @ {max_length} tokens, {len(items)} samples", rows))
             console.print(f"[dim]wrote {out}/{tsk.name}__results.json and .png[/]")
 
     _run(body)
@@ -269,7 +277,7 @@ def demo(
     budget: str = typer.Option("0.25", help="Baselines' budget when no NAMM is bundled for the model."),
     samples: int = typer.Option(4),
     delay: int = typer.Option(None, help="Memory-step cadence (default: the bundled NAMM's, else 512)."),
-    out: Path = typer.Option(Path("runs/demo")),
+    out: Path = typer.Option(None, help="Output directory (default: runs/demo/<model>-<length>)."),
 ) -> None:
     """The main job: compare every policy on passkey prompts and print the table.
 
@@ -283,6 +291,8 @@ def demo(
     names = "full,streaming,h2o,l2,snapkv,random" + (",namm" if shipped else "")
     if delay is None:
         delay = NAMM.from_pretrained(model).config.delay if shipped else 512
+    if out is None:  # one directory per model and length, so another --length never meets old records
+        out = Path("runs/demo") / f"{re.sub(r'[^A-Za-z0-9._]+', '-', model).strip('-.')}-{length}"
     compare(model=model, task="passkey", policies=names, budget=budget, match_budget="namm" if shipped else None,
             namm_checkpoint=model if shipped else None, samples=samples, max_length=length, seed=0,
             offset=0, delay=delay, chunk_size=None, question_agnostic=False, out=out)

@@ -1,13 +1,16 @@
 """The evaluation harness: run a policy on a task's samples (resumable JSON lines), compare policies.
 
 ``evaluate`` writes one JSON line per sample and skips samples already in the file, so an interrupted
-run resumes where it stopped. ``compare`` runs several policies (optionally at several budgets, or at
+run resumes where it stopped; every record carries its ``setting`` (model, a digest of the prompt, the
+policy's fingerprint, cadence), and a record made with another setting is refused, never silently reused.
+``compare`` runs several policies (optionally at several budgets, or at
 the cache size a NAMM reached sample by sample) on the same samples and summarises them against the
 full cache on those samples.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 from collections.abc import Callable, Sequence
@@ -92,6 +95,38 @@ def run_sample(model, tokenizer, task: Task, sample: Sample, policy: Policy, *, 
     }
 
 
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def record_setting(model, sample: Sample, policy: Policy, *, delay: int, chunk_size: int | None,
+                   question_agnostic: bool) -> dict:
+    """What a sample's record depends on besides the code: resuming reuses a record only when this matches.
+
+    The model is named by its hub id or its directory's name (not the machine's path), the prompt and the
+    policy (options, and weights for a NAMM: :meth:`Policy.fingerprint`) by short SHA-1 digests.
+    """
+    name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+    if Path(name).is_absolute():
+        name = Path(name).name
+    prompt = json.dumps([sample.context, sample.question]) if question_agnostic else sample.prompt
+    return {"model": name, "prompt": _digest(prompt), "policy": _digest(policy.fingerprint()), "delay": delay,
+            "chunk_size": chunk_size, "question_agnostic": question_agnostic,
+            "max_new_tokens": sample.max_new_tokens}
+
+
+def _check_resumable(record: dict, setting: dict, out_file: Path) -> None:
+    """Raise when a recorded sample was made with another setting (records without one predate the check)."""
+    recorded = record.get("setting")
+    if recorded is None or recorded == setting:
+        return
+    diff = ", ".join(f"{k} {recorded.get(k)!r} -> {setting.get(k)!r}" for k in setting if recorded.get(k) != setting[k])
+    raise NammError(
+        f"{out_file} already holds sample {record['id']} made with another setting ({diff}). Use another --out "
+        "directory for this setting, or delete the file to compute it again."
+    )
+
+
 def read_records(path: Path) -> list[dict]:
     """Read a JSON-lines file, dropping (and truncating away) a torn last line from an interrupted write."""
     if not path.exists():
@@ -123,13 +158,17 @@ def evaluate(
     with progress_bar(disable=not progress) as bar:
         job = bar.add_task(label or task.name, total=len(samples))
         for sample in samples:
+            pol = policy(sample) if callable(policy) and not isinstance(policy, Policy) else policy
+            setting = record_setting(model, sample, pol, delay=delay, chunk_size=chunk_size,
+                                     question_agnostic=question_agnostic)
             if sample.id in done:
+                _check_resumable(done[sample.id], setting, out_file)
                 records.append(done[sample.id])
                 bar.advance(job)
                 continue
-            pol = policy(sample) if callable(policy) and not isinstance(policy, Policy) else policy
             record = run_sample(model, tokenizer, task, sample, pol, delay=delay, chunk_size=chunk_size,
                                 question_agnostic=question_agnostic)
+            record["setting"] = setting
             if out_file:
                 with out_file.open("a") as f:
                     f.write(json.dumps(record) + "\n")

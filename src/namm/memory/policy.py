@@ -10,6 +10,7 @@ batch rows (different prompts, or different population members) never influence 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,14 @@ class NAMM(Policy):
         always = newest_mask(step.positions, step.valid) if self.config.always_keep_newest else None
         per_layer = self.config.selection == "per_layer"
         return threshold_keep(scores, step.valid, per_layer=per_layer, always=always)
+
+    def fingerprint(self) -> str:
+        """The config and options plus a digest of the weights, the normalisation statistics and any population."""
+        digest = hashlib.sha1()
+        for t in (self.params, self.normaliser.mu, self.normaliser.sigma, self.population):
+            if t is not None:
+                digest.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
+        return f"{self!r} weights={digest.hexdigest()[:16]}"
 
     def describe(self) -> str:
         parts = [f"{self.n_params:,} params", f"{self.config.selection} selection", self.normaliser.describe()]

@@ -120,6 +120,11 @@ class Policy:
     def describe(self) -> str:
         return repr(self)
 
+    def fingerprint(self) -> str:
+        """A string that changes whenever the policy would act differently (every option and, for a learned
+        policy, its weights); the harness resumes a sample only from a record with the same fingerprint."""
+        return repr(self)
+
 
 @dataclass(frozen=True)
 class BudgetSchedule:
