@@ -291,11 +291,13 @@ def demo(
     names = "full,streaming,h2o,l2,snapkv,random" + (",namm" if shipped else "")
     if delay is None:
         delay = NAMM.from_pretrained(model).config.delay if shipped else 512
+    # chunk_size=delay: Full prefills at the same cadence as the evicting policies, so its "mean KV tokens"
+    # and s/sample sit on the same footing as theirs (it would otherwise prefill in one pass).
     if out is None:  # one directory per model and length, so another --length never meets old records
         out = Path("runs/demo") / f"{re.sub(r'[^A-Za-z0-9._]+', '-', model).strip('-.')}-{length}"
     compare(model=model, task="passkey", policies=names, budget=budget, match_budget="namm" if shipped else None,
             namm_checkpoint=model if shipped else None, samples=samples, max_length=length, seed=0,
-            offset=0, delay=delay, chunk_size=None, question_agnostic=False, out=out)
+            offset=0, delay=delay, chunk_size=delay, question_agnostic=False, out=out)
 
 
 @app.command()
