@@ -10,6 +10,7 @@
 #
 #   bash benchmarks/namm_results.sh            # both models; ~3-4 h on 2 CPU cores
 #   MODELS=smollm2-135m PARTS=synthetic bash benchmarks/namm_results.sh
+#   MODELS=smollm2-135m PARTS=long bash benchmarks/namm_results.sh     # passkey + niah_single at 4k
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CKPT=${CKPT:-smollm2-135m}
@@ -24,6 +25,11 @@ for model in $MODELS; do
   if [[ " $PARTS " == *" synthetic "* ]]; then
     namm compare --model "$model" --task "$SYNTHETIC" --samples 8 --seed "$SEED" "${COMMON[@]}" \
       --out "runs/namm-results/$model-synthetic-2k"
+  fi
+  if [[ " $PARTS " == *" long "* ]]; then
+    COMMON_4K=("${COMMON[@]/2048/4096}")
+    namm compare --model "$model" --task passkey,niah_single --samples 4 --seed "$SEED" "${COMMON_4K[@]}" \
+      --out "runs/namm-results/$model-synthetic-4k"
   fi
   if [[ " $PARTS " == *" longbench "* ]]; then
     namm compare --model "$model" --task "$LONGBENCH" --samples 4 "${COMMON[@]}" \
