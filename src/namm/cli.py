@@ -15,6 +15,8 @@ from namm.errors import NammError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Learned, evolved KV-cache memory for LLMs.")
 console = Console(stderr=True)
+if not console.is_terminal:  # piped to a log: don't fold messages at rich's default of 80 columns
+    console = Console(stderr=True, width=140)
 
 
 def _table_console() -> Console:
