@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import namm
+from namm.cli import app
 from namm.policies import H2O, Full, StreamingLLM
 
 pytestmark = pytest.mark.integration
@@ -63,12 +67,6 @@ def test_gemma3_global_layers_only(tmp_path):
 def test_demo_runs_on_the_bundled_model_and_keeps_each_length_apart(tmp_path, monkeypatch):
     """The README's main job, small: the bundled NAMM against every baseline; another --length gets its own
     directory instead of meeting the first run's records."""
-    import json
-
-    from typer.testing import CliRunner
-
-    from namm.cli import app
-
     monkeypatch.chdir(tmp_path)
     for length in (300, 340):
         result = CliRunner().invoke(app, ["demo", "--length", str(length), "--samples", "1"])

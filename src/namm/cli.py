@@ -14,16 +14,16 @@ from rich.table import Table
 from namm.errors import NammError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Learned, evolved KV-cache memory for LLMs.")
-console = Console(stderr=True)
-if not console.is_terminal:  # piped to a log: don't fold messages at rich's default of 80 columns
-    console = Console(stderr=True, width=140)
 
 
-def _table_console() -> Console:
-    """Standard output for result tables: the terminal's width, or 140 columns when piped to a file or
-    log (rich's default of 80 there folds the budget column over several lines)."""
-    out = Console()
-    return out if out.is_terminal else Console(width=140)
+def _console(stderr: bool = False) -> Console:
+    """The terminal's width, or 140 columns when piped to a file or log (rich's default of 80 there folds
+    messages and the tables' budget column over several lines)."""
+    out = Console(stderr=stderr)
+    return out if out.is_terminal else Console(stderr=stderr, width=140)
+
+
+console = _console(stderr=True)
 
 
 def parse_budget(text: str | None) -> int | float | None:
@@ -164,7 +164,7 @@ def policies() -> None:
         params = ", ".join(f"{k}={v!r}" for k, v in policy_parameters(cls).items())
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         table.add_row(name, cls.__name__, params or "-", doc)
-    _table_console().print(table)
+    _console().print(table)
 
 
 def _split(text: str) -> list[str]:
@@ -227,7 +227,7 @@ def eval_cmd(
         entry = Entry(label, policy.lower(), budget or "-", records)
         row = entry.summary({r["id"]: r["score"] for r in records})
         row["relative"] = float("nan")
-        _table_console().print(_summary_table(f"{tsk.name}: {len(records)} samples -> {file}", [row]))
+        _console().print(_summary_table(f"{tsk.name}: {len(records)} samples -> {file}", [row]))
 
     _run(body)
 
@@ -266,7 +266,7 @@ def compare(
             rows = run_compare(mdl, tok, tsk, items, names, budgets, out, match_budget=match_budget,
                                namm_policy=namm_pol, delay=delay, chunk_size=chunk_size,
                                question_agnostic=question_agnostic)
-            _table_console().print(_summary_table(f"{tsk.name} @ {max_length} tokens, {len(items)} samples", rows))
+            _console().print(_summary_table(f"{tsk.name} @ {max_length} tokens, {len(items)} samples", rows))
             console.print(f"[dim]wrote {out}/{tsk.name}__results.json and .png[/]")
 
     _run(body)
@@ -293,10 +293,10 @@ def demo(
     names = "full,streaming,h2o,l2,snapkv,random" + (",namm" if shipped else "")
     if delay is None:
         delay = NAMM.from_pretrained(model).config.delay if shipped else 512
-    # chunk_size=delay: Full prefills at the same cadence as the evicting policies, so its "mean KV tokens"
-    # and s/sample sit on the same footing as theirs (it would otherwise prefill in one pass).
     if out is None:  # one directory per model and length, so another --length never meets old records
         out = Path("runs/demo") / f"{re.sub(r'[^A-Za-z0-9._]+', '-', model).strip('-.')}-{length}"
+    # chunk_size=delay: Full prefills at the same cadence as the evicting policies, so its "mean KV tokens"
+    # and s/sample sit on the same footing as theirs (it would otherwise prefill in one pass).
     compare(model=model, task="passkey", policies=names, budget=budget, match_budget="namm" if shipped else None,
             namm_checkpoint=model if shipped else None, samples=samples, max_length=length, seed=0,
             offset=0, delay=delay, chunk_size=delay, question_agnostic=False, out=out)
