@@ -351,6 +351,7 @@ class EvictingLayer(DynamicLayer):
             n_seen=self.n_seen,
             n_real=self.real.sum(dim=-1),
             state=self.state,
+            managed_layers=self.owner.managed_ids,
         )
         scores = policy.score(step)
         keep = policy.keep(step, scores) & self.valid
@@ -424,6 +425,7 @@ class MemoryCache(Cache):
             raise NammError(f"{type(model).__name__} has no full-attention layer for namm to manage.")
         super().__init__(layers=layers)
         self._unmanaged = [lay for lay in layers if not isinstance(lay, EvictingLayer)]
+        self.managed_ids = tuple(lay.layer_idx for lay in layers if isinstance(lay, EvictingLayer))
         self.policy = policy
         self.delay = delay
         self.defer_steps = False  # hold memory steps back (shared population prefix); see run_due_steps

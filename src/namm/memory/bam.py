@@ -9,8 +9,9 @@ For every (batch row, KV head), on that head's valid cached tokens with features
 4. ``score = h @ w_head + b_head`` (25 -> 1).
 
 Flat layout (4,172 values for the default config): ``[qkv weight (in x out, row-major), qkv bias,
-out weight (in x out), out bias, head weight (in x out), head bias]``; the biases are absent when
-``bam_bias`` is false. A ``(B, n)`` parameter matrix gives every batch row its own vector (population mode);
+out weight (in x out), out bias, head weight (in x out), head bias, depth logits]``; the biases are absent
+when ``bam_bias`` is false, and the ``depth_knots`` depth logits (the budgeted mode's allocation over
+layers, not part of the scorer) are absent when it is 0. A ``(B, n)`` parameter matrix gives every batch row its own vector (population mode);
 all products are broadcast batched matmuls.
 """
 
@@ -34,8 +35,9 @@ def param_shapes(config: NAMMConfig) -> list[tuple[str, tuple[int, ...]]]:
         ("out_bias", (2 * d,)),
         ("head_weight", (d, 1)),
         ("head_bias", (1,)),
+        ("depth_logits", (config.depth_knots,)),
     ]
-    return [(n, s) for n, s in shapes if config.bam_bias or not n.endswith("_bias")]
+    return [(n, s) for n, s in shapes if (config.bam_bias or not n.endswith("_bias")) and math.prod(s) > 0]
 
 
 def param_count(config: NAMMConfig | None = None) -> int:

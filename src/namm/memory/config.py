@@ -10,6 +10,9 @@ from typing import Any
 from namm.errors import NammError
 
 SELECTION_MODES = ("per_layer", "per_head")
+SPECTRAL_NORMS = ("global", "per_head")
+#: Fields added after the first checkpoint format: a checkpoint without them takes their defaults.
+OPTIONAL_FIELDS = frozenset({"budget", "depth_knots", "spectral_norm", "key_norm_feature"})
 
 
 @dataclass
@@ -32,6 +35,16 @@ class NAMMConfig:
         always_keep_newest: the newest token of every head is kept whatever its score.
         norm_eps: lower bound of the normalisation standard deviation.
         delay: memory-step cadence in tokens that the parameters were evolved with (a multiple of ``hop``).
+        budget: ``None`` (threshold mode: a token is kept when its score is >= 0, so the cache size is the
+            memory's own) or the budgeted mode's default mean budget: a fraction in ``(0, 1]`` of the tokens
+            seen, or a token count per head; every head keeps its top-scored tokens (see ``NAMM.budget``).
+        depth_knots: in budgeted mode, ``K`` learned logits (appended to the parameter vector) that spread
+            the budget over the managed layers by relative depth (:mod:`namm.policies.allocation`); 0 gives
+            every layer the same budget.
+        spectral_norm: ``"global"`` (the reference: frozen statistics gathered on full-cache runs) or
+            ``"per_head"`` (a deviation: log magnitudes standardised over each head's valid tokens at every
+            step, which does not drift with the context length).
+        key_norm_feature: append each token's key norm (log, standardised per head and step) to its features.
     """
 
     n_fft: int = 32
@@ -47,6 +60,10 @@ class NAMMConfig:
     always_keep_newest: bool = True
     norm_eps: float = 1e-7
     delay: int = 512
+    budget: float | int | None = None
+    depth_knots: int = 0
+    spectral_norm: str = "global"
+    key_norm_feature: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -64,8 +81,8 @@ class NAMMConfig:
 
     @property
     def feature_dim(self) -> int:
-        """Size of a token's feature vector: recency code then spectrum (25 by default)."""
-        return self.recency_dim + self.n_spec
+        """Size of a token's feature vector: recency code, spectrum, optional key norm (25 by default)."""
+        return self.recency_dim + self.n_spec + int(self.key_norm_feature)
 
     @property
     def frame_decay(self) -> float:
@@ -75,7 +92,8 @@ class NAMMConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise :class:`NammError` naming the first invalid field."""
-        for name in ("n_fft", "hop", "recency_dim", "recency_offset", "bam_hidden", "bam_heads", "delay"):
+        ints = ("n_fft", "hop", "recency_dim", "recency_offset", "bam_hidden", "bam_heads", "delay", "depth_knots")
+        for name in ints:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise NammError(f"NAMMConfig.{name} must be an integer, got {v!r}.")
@@ -83,7 +101,7 @@ class NAMMConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise NammError(f"NAMMConfig.{name} must be a finite number, got {v!r}.")
-        for name in ("bam_bias", "always_keep_newest"):
+        for name in ("bam_bias", "always_keep_newest", "key_norm_feature"):
             if not isinstance(getattr(self, name), bool):
                 raise NammError(f"NAMMConfig.{name} must be true or false, got {getattr(self, name)!r}.")
         if self.n_fft < 2 or self.n_fft % 2:
@@ -106,6 +124,13 @@ class NAMMConfig:
             raise NammError(f"NAMMConfig.selection must be one of {SELECTION_MODES}, got {self.selection!r}.")
         if self.norm_eps <= 0:
             raise NammError(f"NAMMConfig.norm_eps must be positive, got {self.norm_eps}.")
+        if self.spectral_norm not in SPECTRAL_NORMS:
+            raise NammError(f"NAMMConfig.spectral_norm must be one of {SPECTRAL_NORMS}, got {self.spectral_norm!r}.")
+        if self.depth_knots < 0:
+            raise NammError(f"NAMMConfig.depth_knots must be >= 0, got {self.depth_knots}.")
+        check_budget(self.budget, "NAMMConfig.budget")
+        if self.depth_knots and self.budget is None:
+            raise NammError("NAMMConfig.depth_knots needs the budgeted mode: set NAMMConfig.budget too.")
         if self.delay < self.hop or self.delay % self.hop:
             raise NammError(f"NAMMConfig.delay must be a positive multiple of hop={self.hop}, got {self.delay}.")
 
@@ -126,7 +151,7 @@ class NAMMConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise NammError(f"Unknown NAMM config field(s): {', '.join(unknown)}. Known: {', '.join(sorted(names))}.")
-        missing = sorted(names - set(data))
+        missing = sorted(names - set(data) - OPTIONAL_FIELDS)
         if strict and missing:
             raise NammError(f"Missing NAMM config field(s): {', '.join(missing)}.")
         return cls(**data)
@@ -143,4 +168,16 @@ class NAMMConfig:
         return cls.from_dict(data, strict=strict)
 
 
-__all__ = ["SELECTION_MODES", "NAMMConfig"]
+def check_budget(budget: object, what: str) -> None:
+    """Raise unless ``budget`` is None, a fraction in ``(0, 1]`` or a token count ``>= 1``."""
+    if budget is None:
+        return
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise NammError(f"{what} must be a fraction in (0, 1] or a token count, got {budget!r}.")
+    if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+        raise NammError(f"{what}: a fractional budget must be in (0, 1], got {budget}.")
+    if isinstance(budget, int) and budget < 1:
+        raise NammError(f"{what}: a token budget must be at least 1, got {budget}.")
+
+
+__all__ = ["SELECTION_MODES", "SPECTRAL_NORMS", "NAMMConfig", "check_budget"]

@@ -359,10 +359,33 @@ def step_features(
 
     newest = newest_position(pos, valid)
     age = torch.where(valid, newest - pos, 0).clamp(min=0) + config.recency_offset
-    features = torch.cat(
-        [recency_code(age, config.recency_dim, config.recency_max_freq), normaliser.normalise(new_ema)], dim=-1
-    )
+    if config.spectral_norm == "per_head":
+        spectral = standardise_per_head(torch.log(new_ema + LOG_FLOOR), valid)
+    else:
+        spectral = normaliser.normalise(new_ema)
+    parts = [recency_code(age, config.recency_dim, config.recency_max_freq), spectral]
+    if config.key_norm_feature:
+        norms = torch.log(step.keys.float().norm(dim=-1) + LOG_FLOOR)  # (B, H, T)
+        parts.append(standardise_per_head(norms.unsqueeze(-1), valid))
+    features = torch.cat(parts, dim=-1)
     return features.masked_fill(~keep, 0.0), new_ema, new_carry
+
+
+#: Added before taking logs of magnitudes (the EMA of a token that received no attention is 0).
+LOG_FLOOR = 1e-6
+
+
+def standardise_per_head(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``(B, H, T, F)`` -> each feature standardised over the valid slots of its head (zero mean, unit std).
+
+    The statistics are this step's own, so the features do not drift with the context length; a head with
+    a single valid slot (or a constant feature) gives zeros.
+    """
+    w = valid.unsqueeze(-1).float()
+    n = w.sum(dim=2, keepdim=True).clamp(min=1.0)
+    mean = (x * w).sum(dim=2, keepdim=True) / n
+    var = (((x - mean) ** 2) * w).sum(dim=2, keepdim=True) / n
+    return ((x - mean) / var.sqrt().clamp(min=1e-4)) * w
 
 
 __all__ = [
@@ -376,6 +399,7 @@ __all__ = [
     "newest_position",
     "recency_code",
     "stft_magnitudes",
+    "standardise_per_head",
     "step_features",
     "streamed_spectrogram_ema",
 ]

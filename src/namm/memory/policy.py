@@ -1,6 +1,10 @@
 """The NAMM policy: features + BAM scores + threshold selection, with safetensors checkpoints.
 
-Selection (spec section 4): a score ``>= 0`` is kept, the newest token of every head is always kept and
+Two ways to select. Budgeted (``NAMM(budget=0.5)`` or a checkpoint whose config has a budget): every head
+keeps its ``budget`` top-scored tokens at every memory step, the budget being spread over the layers by
+the learned depth allocation when the config has ``depth_knots`` (the mean over layers is exactly the
+budget); the cache size is then the user's, whatever the scores. Threshold (spec section 4, the
+reference): a score ``>= 0`` is kept, the newest token of every head is always kept and
 invalid slots are never kept. ``selection="per_head"`` keeps exactly that set per head.
 ``selection="per_layer"`` is the reference rule: every head keeps as many tokens as the head with the most
 kept tokens, taking its highest-scored ones. Deliberate deviation: that count is the maximum over the heads
@@ -22,10 +26,10 @@ from safetensors.torch import load_file, save_file
 
 from namm.errors import NammError
 from namm.memory.bam import bam_scores, param_count
-from namm.memory.config import NAMMConfig
+from namm.memory.config import NAMMConfig, check_budget
 from namm.memory.features import CARRY_KEY, EMA_KEY, FeatureNormaliser, newest_position, step_features
-from namm.policies.base import ALL_QUERIES, MemoryStep, Policy
-from namm.policies.selection import threshold_keep
+from namm.policies.base import ALL_QUERIES, MemoryStep, Policy, allocated_tokens, mean_fraction
+from namm.policies.selection import threshold_keep, top_k_keep
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -65,6 +69,8 @@ class NAMM(Policy):
         params: flat parameter vector ``(n,)`` (zeros by default: every token is kept).
         collect_stats: statistics-collection mode: every memory step merges the EMA features of the valid
             tokens into the normalisation statistics and keeps every token.
+        budget: budgeted mode: the mean budget per head, a fraction in ``(0, 1]`` of the tokens seen or a
+            token count; ``None`` takes the config's (``None`` there too: threshold mode).
     """
 
     name: ClassVar[str] = "namm"
@@ -74,10 +80,12 @@ class NAMM(Policy):
     config: NAMMConfig = field(default_factory=NAMMConfig)
     params: torch.Tensor | None = field(default=None, repr=False)
     collect_stats: bool = False
+    budget: float | int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.config, NAMMConfig):
             raise NammError(f"NAMM: config must be a NAMMConfig, got {type(self.config).__name__}.")
+        check_budget(self.budget, "NAMM budget")
         n = self.n_params
         self.params = torch.zeros(n) if self.params is None else _as_vector(self.params, n, "NAMM parameters")
         self.normaliser = FeatureNormaliser(self.config.n_spec, self.config.norm_eps)
@@ -108,6 +116,19 @@ class NAMM(Policy):
     def clear_population(self) -> None:
         """Back to one parameter vector for every batch row."""
         self.population = None
+
+    @property
+    def active_budget(self) -> float | int | None:
+        """The budget in force: ``budget``, else the config's, else ``None`` (threshold mode)."""
+        return self.budget if self.budget is not None else self.config.budget
+
+    def depth_logits(self) -> torch.Tensor | None:
+        """``(K,)`` (or ``(P, K)`` in population mode) allocation logits, ``None`` without ``depth_knots``."""
+        k = self.config.depth_knots
+        if not k:
+            return None
+        params = self.population if self.population is not None else self.params
+        return params[..., -k:]
 
     # ------------------------------------------------------------------ statistics
     def freeze_stats(self) -> None:
@@ -142,12 +163,25 @@ class NAMM(Policy):
         return bam_scores(features, step.valid, params, self.config, step.positions)
 
     def keep(self, step: MemoryStep, scores: torch.Tensor) -> torch.Tensor:
-        """``(B, H, T)`` keep mask: non-negative scores (+ the newest token), per the selection mode."""
+        """``(B, H, T)`` keep mask: the budgeted top scores, or the non-negative ones (+ the newest token)."""
         if self.collect_stats:
             return step.valid.clone()
         always = newest_mask(step.positions, step.valid) if self.config.always_keep_newest else None
+        budget = self.active_budget
+        if budget is not None:
+            return top_k_keep(scores.masked_fill(always, float("inf")) if always is not None else scores,
+                              step.valid, self.budget_tokens(step))
         per_layer = self.config.selection == "per_layer"
         return threshold_keep(scores, step.valid, per_layer=per_layer, always=always)
+
+    def budget_tokens(self, step: MemoryStep) -> torch.Tensor:
+        """``(B,)`` tokens per head of this layer in budgeted mode (its share under the depth allocation)."""
+        budget = self.active_budget
+        logits = self.depth_logits()
+        if logits is not None:
+            return allocated_tokens(logits, budget, step)
+        frac = mean_fraction(budget, step).to(step.n_real.device)
+        return torch.ceil(step.n_real.double() * frac - 1e-9).long().clamp(min=1)
 
     def fingerprint(self) -> str:
         """The config and options plus a digest of the weights, the normalisation statistics and any population."""
@@ -158,7 +192,11 @@ class NAMM(Policy):
         return f"{self!r} weights={digest.hexdigest()[:16]}"
 
     def describe(self) -> str:
-        parts = [f"{self.n_params:,} params", f"{self.config.selection} selection", self.normaliser.describe()]
+        b = self.active_budget
+        how = f"{self.config.selection} selection" if b is None else (
+            f"budget {b:.0%}" if isinstance(b, float) else f"budget {b} tokens") + (
+            f", learned depth allocation ({self.config.depth_knots} knots)" if self.config.depth_knots else "")
+        parts = [f"{self.n_params:,} params", how, self.normaliser.describe()]
         if self.population is not None:
             parts.append(f"population of {self.population.shape[0]}")
         if self.collect_stats:
@@ -187,8 +225,12 @@ class NAMM(Policy):
         return path
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str | Path) -> NAMM:
-        """Load a checkpoint folder, or a bundled checkpoint by name (e.g. ``"smollm2-135m"``)."""
+    def from_pretrained(cls, name_or_dir: str | Path, budget: float | int | None = None) -> NAMM:
+        """Load a checkpoint folder, or a bundled checkpoint by name (e.g. ``"smollm2-135m"``).
+
+        ``budget`` overrides the checkpoint's budget (budgeted mode); a threshold checkpoint given a budget
+        keeps its top-scored tokens instead of its non-negative ones.
+        """
         path = _resolve(name_or_dir)
         meta = _read_meta(path / CONFIG_FILE)
         config_file = path / CONFIG_FILE
@@ -214,7 +256,7 @@ class NAMM(Policy):
                 )
             if not t.is_floating_point() or not torch.isfinite(t).all():
                 raise NammError(f"{weights_file}: tensor {key!r} must hold finite floating-point values.")
-        policy = cls(config=config, params=tensors["params"])
+        policy = cls(config=config, params=tensors["params"], budget=budget)
         try:
             policy.normaliser.load(tensors["norm_mu"], tensors["norm_sigma"], float(tensors["norm_count"]), frozen)
         except NammError as e:

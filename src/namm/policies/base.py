@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 
 from namm.errors import NammError
+from namm.policies.allocation import DepthAllocation, allocate
 from namm.policies.selection import top_k_keep
 
 #: ``Policy.query_window`` value asking for every query since the previous memory step.
@@ -47,7 +48,8 @@ class MemoryStep:
         n_real: ``(B,)`` int64, real (non-padding) tokens processed so far per row.
         state: per-token policy state, each tensor ``(B, H, T, ...)``. New slots are appended as zeros;
             the runtime gathers every entry with the kept indices. A policy may replace entries.
-        params: optional per-row policy parameters (population mode), policy-defined.
+        managed_layers: indices of the layers the cache manages (``None``: all ``num_layers``), so a policy
+            can place this layer by relative depth among them (Gemma 3: only its global layers).
     """
 
     layer_idx: int
@@ -62,6 +64,15 @@ class MemoryStep:
     n_real: torch.Tensor
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     attention_blocks: Callable[[list[int]], Iterator[torch.Tensor]] | None = None
+    managed_layers: tuple[int, ...] | None = None
+
+    @property
+    def depth_rank(self) -> tuple[int, int]:
+        """``(index of this layer among the managed layers, number of managed layers)``."""
+        layers = self.managed_layers if self.managed_layers is not None else tuple(range(self.num_layers))
+        if self.layer_idx not in layers:
+            raise NammError(f"Layer {self.layer_idx} is not among the managed layers {layers}.")
+        return layers.index(self.layer_idx), len(layers)
 
 
 def attention_blocks(step: MemoryStep, bounds: list[int]) -> Iterator[torch.Tensor]:
@@ -167,10 +178,13 @@ class BudgetPolicy(Policy):
     """A policy that keeps, in every head, the ``budget`` highest-scored tokens.
 
     ``budget`` is a token count (``int >= 1``), a fraction of the tokens seen so far (``0 < float <= 1``)
-    or a :class:`BudgetSchedule` of token counts per memory step.
+    or a :class:`BudgetSchedule` of token counts per memory step. With an ``allocation``
+    (:class:`~namm.policies.allocation.DepthAllocation`) the budget is the *mean* over the managed layers
+    and each layer gets its share of it; without one every layer gets the same budget.
     """
 
     budget: int | float | BudgetSchedule = 0.25
+    allocation: DepthAllocation | None = None
 
     def __post_init__(self) -> None:
         b = self.budget
@@ -190,6 +204,8 @@ class BudgetPolicy(Policy):
     def budget_tokens(self, step: MemoryStep) -> torch.Tensor:
         """``(B,)`` int64: tokens each head of each row may keep at this memory step."""
         n_real = step.n_real
+        if self.allocation is not None:
+            return allocated_tokens(torch.tensor(self.allocation.knots), self.budget, step)
         if isinstance(self.budget, BudgetSchedule):
             return torch.clamp(n_real, max=self.budget.at(step.n_seen))
         if isinstance(self.budget, int):
@@ -209,7 +225,40 @@ class BudgetPolicy(Policy):
     def describe(self) -> str:
         b = self.budget
         b = f"{b:.0%}" if isinstance(b, float) else str(b) if isinstance(b, BudgetSchedule) else f"{b} tokens"
-        return f"{self.name} (budget {b})"
+        where = f", {self.allocation}" if self.allocation is not None else ""
+        return f"{self.name} (budget {b}{where})"
 
 
-__all__ = ["ALL_QUERIES", "BudgetPolicy", "BudgetSchedule", "MemoryStep", "Policy", "protect", "recent_mask"]
+def mean_fraction(budget: int | float | BudgetSchedule, step: MemoryStep) -> torch.Tensor:
+    """``(B,)`` float64 budget as a fraction of each row's real tokens, in ``(0, 1]``."""
+    n_real = step.n_real.double().clamp(min=1)
+    if isinstance(budget, BudgetSchedule):
+        budget = budget.at(step.n_seen)
+    if isinstance(budget, int):
+        return (budget / n_real).clamp(max=1.0)
+    return torch.full_like(n_real, float(budget))
+
+
+def allocated_tokens(knots: torch.Tensor, budget: int | float | BudgetSchedule, step: MemoryStep) -> torch.Tensor:
+    """``(B,)`` int64 tokens per head of this layer under a depth allocation of ``budget``.
+
+    ``knots`` is ``(K,)`` or ``(B, K)`` (one allocation per row, population mode); the layers' fractions
+    average to the budget's fraction (:func:`~namm.policies.allocation.allocate`), rounded up to tokens.
+    """
+    index, count = step.depth_rank
+    frac = allocate(knots.cpu(), mean_fraction(budget, step).cpu(), count)[:, index]  # (B,)
+    tokens = torch.ceil(step.n_real.cpu().double() * frac - 1e-9).long().clamp(min=1)
+    return torch.minimum(tokens, step.n_real.cpu()).to(step.n_real.device)
+
+
+__all__ = [
+    "ALL_QUERIES",
+    "BudgetPolicy",
+    "BudgetSchedule",
+    "MemoryStep",
+    "Policy",
+    "allocated_tokens",
+    "mean_fraction",
+    "protect",
+    "recent_mask",
+]
