@@ -11,8 +11,8 @@ For every (batch row, KV head), on that head's valid cached tokens with features
 Flat layout (4,172 values for the default config): ``[qkv weight (in x out, row-major), qkv bias,
 out weight (in x out), out bias, head weight (in x out), head bias, depth logits]``; the biases are absent
 when ``bam_bias`` is false, and the ``depth_knots`` depth logits (the budgeted mode's allocation over
-layers, not part of the scorer) are absent when it is 0. A ``(B, n)`` parameter matrix gives every batch row its own vector (population mode);
-all products are broadcast batched matmuls.
+layers, not part of the scorer) are absent when it is 0. A ``(B, n)`` parameter matrix gives every batch
+row its own vector (population mode); all products are broadcast batched matmuls.
 """
 
 from __future__ import annotations
