@@ -91,6 +91,10 @@ class GenerationResult:
     token_ids: list[int] | list[list[int]]
     stats: GenerationStats
     logits: torch.Tensor | None = None  # (B, new_tokens, vocab) if return_logits
+    #: ``continuation=`` mode: per row, the summed log-probability of the continuation's tokens, teacher-forced
+    #: against the managed cache (no decoding), and the number of those tokens.
+    continuation_logprob: list[float] | None = None
+    continuation_tokens: int = 0
 
 
 class _Meter:
@@ -173,6 +177,7 @@ def generate(
     ignore_eos: bool = False,
     question: str | None = None,
     copies: int = 1,
+    continuation: str | None = None,
 ) -> GenerationResult:
     """Generate with a KV cache managed by ``policy``.
 
@@ -193,6 +198,9 @@ def generate(
         copies: run one prompt as a batch of ``copies`` identical rows, e.g. one per member of a NAMM
             population (``NAMM.set_population``). The prefix before the first memory step is the same for
             every row, so it is computed once and its cache copied to every row.
+        continuation: graded mode: instead of decoding, feed this text (e.g. the gold answer, with its
+            leading space) after the prompt in one forward call through the managed cache and return its
+            teacher-forced log-likelihood in ``continuation_logprob`` (``max_new_tokens`` is ignored).
 
     Returns:
         A :class:`GenerationResult` with the text, the generated ids and :class:`GenerationStats`.
@@ -213,6 +221,12 @@ def generate(
         mask = torch.ones_like(input_ids)
     if copies < 1 or (copies > 1 and (input_ids.shape[0] != 1 or question is not None)):
         raise NammError("copies > 1 needs a single prompt (and no question).")
+    cont_ids = None
+    if continuation is not None:
+        cont_ids = tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        if cont_ids.shape[1] == 0 or input_ids.shape[0] != 1:
+            raise NammError("continuation= needs a single prompt and a continuation with at least one token.")
+        max_new_tokens = cont_ids.shape[1]
     b, n = input_ids.shape
     if n == 0:
         raise NammError("Empty prompt: it has no tokens.")
@@ -230,17 +244,18 @@ def generate(
     meter = _Meter(cache)
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
-    def forward(ids: torch.Tensor, start: int, record: bool = True) -> torch.Tensor:
+    def forward(ids: torch.Tensor, start: int, record: bool = True, every_logit: bool = False) -> torch.Tensor:
         end = start + ids.shape[1]
         kwargs = {}
         if padded:
             kwargs["attention_mask"] = full_mask[:, :end]
             kwargs["position_ids"] = (full_mask[:, :end].cumsum(-1) - 1).clamp(min=0)[:, start:end]
         clear_pending()
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=0 if every_logit else 1,
+                    **kwargs)
         if record:
             meter.record(ids.shape[1], end)
-        return out.logits[:, -1]
+        return out.logits if every_logit else out.logits[:, -1]
 
     full_mask = torch.cat([mask, mask.new_ones(b, max_new_tokens)], dim=1)
     if one_pass:
@@ -270,6 +285,8 @@ def generate(
         if question is not None and start == context_len:
             cache.compress_now()
     prefill_seconds = time.perf_counter() - t0
+    if cont_ids is not None:
+        return _score_continuation(cache, meter, mask, logits, cont_ids.to(device), forward, n, prefill_seconds)
 
     eos = set() if ignore_eos else _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos), 0)
@@ -297,6 +314,20 @@ def generate(
     if batched or copies > 1:
         return GenerationResult(texts, rows, stats, logits_out)
     return GenerationResult(texts[0], rows[0], stats, logits_out)
+
+
+def _score_continuation(cache, meter, mask, last_logits, cont_ids, forward, n, prefill_seconds) -> GenerationResult:
+    """Teacher-force ``cont_ids`` ``(1, M)`` after the prompt: one forward call, summed log-probabilities."""
+    t1 = time.perf_counter()
+    b, m = last_logits.shape[0], cont_ids.shape[1]
+    ids = cont_ids.expand(b, -1)
+    logits = last_logits[:, None]
+    if m > 1:
+        logits = torch.cat([logits, forward(ids[:, :-1], n, every_logit=True)], dim=1)  # (B, M, V)
+    logprob = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[..., None]).squeeze(-1).sum(-1)
+    rows = [ids[r].tolist() for r in range(b)]
+    stats = _stats(cache, meter, mask, rows, prefill_seconds, time.perf_counter() - t1)
+    return GenerationResult(["" for _ in range(b)], rows, stats, None, logprob.tolist(), m)
 
 
 def _cut_at_eos(row: list[int], eos: set[int]) -> list[int]:

@@ -7,6 +7,14 @@
 * ``evaluate`` runs each sample once per batch of ``members_per_batch`` population members: one batch row
   per member (``NAMM.set_population``), the prefix before the first memory step computed once and shared
   (``generate(copies=...)``).
+* ``metric: likelihood`` (the graded fitness): a member's score on a sample is
+  ``exp(-max(0, (full log-likelihood - member log-likelihood) / answer tokens))`` of the gold answer,
+  teacher-forced after the prompt (no decoding): 1 when the member's cache predicts the answer as well as
+  the full cache, about 0.05 when it loses a needle, in between for a near miss. Every sample's score is in
+  ``(0, 1]``, so one sample cannot dominate; the full cache scores exactly 1. The full-cache
+  log-likelihoods are computed once and kept in ``full_logprob.json``.
+* ``search`` (a :class:`~namm.evolution.subspace.Subspace`): CMA-ES sees only the searched coordinates;
+  the evaluator and the checkpoints embed them into the full vector.
 * ``prepare_normalisation`` (the loop's ``prepare`` hook) gathers the 17 spectrogram features' statistics
   on full-cache runs of training samples, freezes them and stores them in ``run_dir/normalisation/``, as
   the reference does at its first, zero-parameter evaluation; every checkpoint carries them.
@@ -14,6 +22,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import zlib
 from dataclasses import dataclass
@@ -24,14 +33,28 @@ import torch
 
 from namm.engine import generate
 from namm.errors import NammError
+from namm.evolution._io import atomic_write_json
 from namm.evolution.evaluator import EvalResult
 from namm.evolution.recipe import Recipe, TaskSpec
+from namm.evolution.subspace import Subspace
 from namm.memory import NAMM, NAMMConfig
 from namm.policies import Full
 from namm.tasks import LongBenchTask, Sample, Task, get_task
 
 SYNTHETIC_POOL = 100_000
 NORMALISATION_DIR = "normalisation"
+FULL_LOGPROB_FILE = "full_logprob.json"
+
+
+def graded_score(member_logprob: np.ndarray, full_logprob: np.ndarray | float, tokens: int) -> np.ndarray:
+    """``exp(-max(0, (full - member) / tokens))``: 1 at the full cache's likelihood or better, in ``(0, 1]``."""
+    loss = (np.asarray(full_logprob, dtype=np.float64) - np.asarray(member_logprob, dtype=np.float64)) / tokens
+    return np.exp(-np.clip(loss, 0.0, None))
+
+
+def recipe_subspace(recipe: Recipe, policy: NAMM) -> Subspace | None:
+    """The recipe's search subspace for this NAMM, or ``None`` when it searches every parameter."""
+    return Subspace.from_recipe(policy.config, recipe.search) if recipe.search else None
 
 
 def recipe_namm(recipe: Recipe, run_dir: str | Path | None = None) -> NAMM:
@@ -60,8 +83,13 @@ class LMEvaluator:
             model, tokenizer = load_model(recipe.model)
         self.model, self.tokenizer = model, tokenizer
         self.policy = recipe_namm(recipe, self.run_dir)
+        self.subspace = recipe_subspace(recipe, self.policy)
         self._tasks: dict[str, Task] = {}
         self._samples: dict[tuple[str, str], Sample] = {}
+        self._full_logprob_path = self.run_dir / FULL_LOGPROB_FILE
+        self._full_logprob: dict[str, float] = {}
+        if self._full_logprob_path.exists():
+            self._full_logprob = json.loads(self._full_logprob_path.read_text())
 
     # --- pools and samples -------------------------------------------------------------------------
     def task(self, key: str) -> Task:
@@ -71,7 +99,13 @@ class LMEvaluator:
         return self._tasks[key]
 
     def initial_params(self) -> np.ndarray:
+        if self.subspace is not None:
+            return self.subspace.initial()
         return self.policy.get_params().double().numpy()
+
+    def full_params(self, params: np.ndarray) -> np.ndarray:
+        """What CMA-ES searches -> the NAMM's full parameter vectors (identity without a subspace)."""
+        return params if self.subspace is None else self.subspace.embed(params)
 
     def sample_pool(self, task: str, split: str) -> list[str]:
         t = self.task(task)
@@ -102,12 +136,49 @@ class LMEvaluator:
         t = self.task(task)
         return [t.score(text, sample) for text in texts], out.stats
 
+    def _logprob(self, task: str, sample_id: str, policy, copies: int = 1):
+        """Teacher-forced log-likelihood of the gold answer, per row, and the run's statistics."""
+        sample = self.sample(task, sample_id)
+        cont = self.task(task).reference_continuation(sample)
+        out = generate(self.model, self.tokenizer, sample.prompt, policy, delay=self.recipe.delay,
+                       chunk_size=self.recipe.chunk_size, copies=copies, continuation=cont)
+        return np.asarray(out.continuation_logprob), out.continuation_tokens, out.stats
+
+    def full_logprob(self, task: str, sample_id: str) -> tuple[float, int]:
+        """The full cache's gold-answer log-likelihood and its token count (computed once, kept on disk)."""
+        key = f"{task}/{sample_id}"
+        if key not in self._full_logprob:
+            lp, tokens, _ = self._logprob(task, sample_id, Full())
+            self._full_logprob[key] = [float(lp[0]), int(tokens)]
+            atomic_write_json(self._full_logprob_path, self._full_logprob)
+        lp, tokens = self._full_logprob[key]
+        return float(lp), int(tokens)
+
+    def graded(self, sample_id: str) -> bool:
+        """Whether a sample is scored by the graded likelihood: training samples under ``metric: likelihood``
+        (validation always uses the task metric, with decoding)."""
+        return self.recipe.metric == "likelihood" and sample_id.startswith("t")
+
     def full_scores(self, task: str, sample_ids: list[str]) -> np.ndarray:
-        return np.array([self._run(task, s, Full())[0][0] for s in sample_ids])
+        out = []
+        for s in sample_ids:
+            if self.graded(s):
+                self.full_logprob(task, s)
+                out.append(1.0)  # graded scores are relative to the full cache: exactly 1 for it
+            else:
+                out.append(self._run(task, s, Full())[0][0])
+        return np.array(out)
+
+    def _member_scores(self, task: str, sample_id: str, copies: int):
+        if self.graded(sample_id):
+            full, tokens = self.full_logprob(task, sample_id)
+            lp, _, stats = self._logprob(task, sample_id, self.policy, copies=copies)
+            return graded_score(lp, full, tokens), stats
+        return self._run(task, sample_id, self.policy, copies=copies)
 
     def evaluate(self, params: np.ndarray, task: str, sample_ids: list[str]) -> EvalResult:
         start = time.perf_counter()
-        params = np.atleast_2d(params)
+        params = self.full_params(np.atleast_2d(params))
         scores = np.zeros((len(params), len(sample_ids)))
         fraction = np.zeros_like(scores)
         step = max(1, self.recipe.members_per_batch)
@@ -116,7 +187,7 @@ class LMEvaluator:
                 rows = params[lo : lo + step]
                 self.policy.set_population(torch.as_tensor(rows, dtype=torch.float32))
                 try:
-                    s, stats = self._run(task, sid, self.policy, copies=len(rows))
+                    s, stats = self._member_scores(task, sid, copies=len(rows))
                 finally:
                     self.policy.clear_population()
                 scores[lo : lo + len(rows), j] = s
@@ -161,6 +232,9 @@ def checkpoint_writer(recipe: Recipe, run_dir: Path):
 
     def save(params: np.ndarray, directory: Path) -> None:
         policy = recipe_namm(recipe, run_dir)
+        subspace = recipe_subspace(recipe, policy)
+        if subspace is not None:
+            params = subspace.embed(params)
         policy.set_params(torch.as_tensor(params, dtype=torch.float32))
         policy.save_pretrained(directory)
 

@@ -53,6 +53,8 @@ class CMAES:
         seed: seed of the optimiser's private RNG (any int, 0 included).
         diagonal: use the separable (diagonal covariance) CMA-ES instead of the full covariance.
         mean0: initial mean (default: zeros).
+        csa: force cumulative step-size adaptation (the reference's); pycma's default switches to TPA
+            above 300 dimensions. Off by default so that runs saved without it resume unchanged.
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class CMAES:
         seed: int = 0,
         diagonal: bool = False,
         mean0: np.ndarray | None = None,
+        csa: bool = False,
     ) -> None:
         if int(n_params) < 1:
             raise NammError(f"n_params must be >= 1, got {n_params}.")
@@ -80,6 +83,8 @@ class CMAES:
             "seed": int(seed),
             "diagonal": bool(diagonal),
         }
+        if csa:  # only stored when set, so states saved before the option existed still match
+            self.config["csa"] = True
         self._rng_state = np.random.RandomState(int(seed) % 2**32).get_state()
         opts = {
             "popsize": int(popsize),
@@ -92,6 +97,8 @@ class CMAES:
             "verb_disp": 0,
             "verb_log": 0,
         }
+        if csa:
+            opts["AdaptSigma"] = cma.sigma_adaptation.CMAAdaptSigmaCSA
         with self._own_rng():
             self._es = cma.CMAEvolutionStrategy(mean0, float(sigma0), opts)
 

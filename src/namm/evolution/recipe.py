@@ -13,6 +13,10 @@ Example::
     chunk_size: 128               # prefill chunk length
     cache_weight: 0.0             # > 0 subtracts cache_weight * mean kept-cache fraction from the fitness
     members_per_batch: 1          # population members evaluated by one forward pass
+    metric: task                  # or "likelihood": graded fitness from the gold answer's teacher-forced
+                                  # log-likelihood relative to the full cache (no decoding)
+    search: {groups: [head_weight, depth_logits], start: {head_weight: [...]}}   # optional subspace
+    csa: false                    # true: cumulative step-size adaptation (the reference's) at any dimension
     backend: local                # or "ray"
     ray: {address: null, num_workers: 2, num_cpus_per_worker: 1, num_gpus_per_worker: 0}
     stages:
@@ -44,6 +48,7 @@ import yaml
 from namm.errors import NammError
 
 BACKENDS = ("local", "ray")
+METRICS = ("task", "likelihood")
 
 
 @dataclass
@@ -115,6 +120,9 @@ class Recipe:
     backend: str = "local"
     ray: RayConfig = field(default_factory=RayConfig)
     validation: ValidationConfig | None = None
+    metric: str = "task"
+    search: dict[str, Any] = field(default_factory=dict)
+    csa: bool = False
 
     @property
     def total_generations(self) -> int:
@@ -159,8 +167,16 @@ class Recipe:
             backend=f.text("backend", "local"),
             ray=_ray(f.get("ray", {})),
             validation=_validation(f.get("validation", None)),
+            metric=f.text("metric", "task"),
+            search=f.json_dict("search"),
+            csa=f.flag("csa", False),
         )
         f.finish()
+        if recipe.metric not in METRICS:
+            raise NammError(f"recipe field 'metric': must be one of {list(METRICS)}, got {recipe.metric!r}.")
+        unknown = sorted(set(recipe.search) - {"groups", "start"})
+        if unknown:
+            raise NammError(f"recipe field 'search.{unknown[0]}' is unknown (search has 'groups' and 'start').")
         if recipe.backend not in BACKENDS:
             raise NammError(f"recipe field 'backend': must be one of {list(BACKENDS)}, got {recipe.backend!r}.")
         if recipe.cache_weight < 0:

@@ -232,12 +232,13 @@ class _Loop:
         mean0 = self.backend.initial_params()
         if (self.run_dir / "optimizer.safetensors").exists():
             opt, book = CMAES.load(self.run_dir)
-            expected = {"n_params": len(mean0), "popsize": r.population, "diagonal": r.diagonal, "seed": r.seed}
-            got = {k: opt.config[k] for k in expected}
+            expected = {"n_params": len(mean0), "popsize": r.population, "diagonal": r.diagonal, "seed": r.seed,
+                        "csa": r.csa}
+            got = {k: opt.config.get(k, False) for k in expected}
             if got != expected:
                 raise NammError(f"{self.run_dir}/optimizer.safetensors has config {got}, the recipe needs {expected}.")
         else:
-            opt, book = CMAES(len(mean0), r.population, r.sigma0, r.seed, r.diagonal, mean0), {}
+            opt, book = CMAES(len(mean0), r.population, r.sigma0, r.seed, r.diagonal, mean0, csa=r.csa), {}
         book.setdefault("best_validation", None)
         book.setdefault("best_generation", None)
         self._truncate_log(opt.generation)

@@ -1,0 +1,152 @@
+"""The graded fitness (teacher-forced answer likelihood), the search subspace and CSA, on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import namm
+from conftest import random_prompt, tiny_model, word_tokenizer
+from namm.errors import NammError
+from namm.evolution import evolve
+from namm.evolution.lm import LMEvaluator, checkpoint_writer, graded_score, prepare_normalisation
+from namm.evolution.optimizer import CMAES
+from namm.evolution.recipe import Recipe
+from namm.evolution.subspace import Subspace
+from namm.memory import NAMMConfig, param_count
+from namm.policies import Full, StreamingLLM
+from test_evolution_lm import first_word_task  # noqa: F401 - fixture
+
+BUDGET_POLICY = {"selection": "per_head", "hop": 4, "n_fft": 8, "delay": 32, "budget": 0.5, "depth_knots": 2,
+                 "spectral_norm": "per_head", "key_norm_feature": True}
+RECIPE = {
+    "model": "tiny",
+    "policy": BUDGET_POLICY,
+    "seed": 0,
+    "population": 6,
+    "samples_per_task": 2,
+    "delay": 32,
+    "chunk_size": 16,
+    "diagonal": True,
+    "members_per_batch": 3,
+    "metric": "likelihood",
+    "csa": True,
+    "search": {"groups": ["head_weight", "depth_logits"], "start": {"depth_logits": [0.5, -0.5]}},
+    "stages": [{"name": "s1", "generations": 3, "tasks": [{"name": "first_word_test"}]}],
+    "validation": {"every": 1, "samples": 2, "tasks": [{"name": "first_word_test"}]},
+}
+
+
+def test_continuation_logprob_with_the_full_cache_equals_a_plain_forward(tokenizer):
+    model = tiny_model("llama")
+    prompt, answer = random_prompt(70, seed=5), " w9 w17 w33"
+    out = namm.generate(model, tokenizer, prompt, Full(), delay=32, chunk_size=16, continuation=answer)
+    ids = tokenizer(prompt + answer, return_tensors="pt")["input_ids"]
+    n = len(tokenizer(prompt)["input_ids"])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, n - 1 : -1].float()
+    expected = torch.log_softmax(logits, -1).gather(-1, ids[0, n:, None]).sum().item()
+    assert out.continuation_tokens == 3
+    assert out.continuation_logprob[0] == pytest.approx(expected, abs=1e-4)
+
+
+def test_continuation_logprob_under_eviction_matches_copies_and_differs_from_full(tokenizer):
+    model = tiny_model("qwen2")
+    prompt, answer = random_prompt(90, seed=6), " w4 w5"
+    policy = StreamingLLM(budget=12)
+    one = namm.generate(model, tokenizer, prompt, policy, delay=32, chunk_size=16, continuation=answer)
+    many = namm.generate(model, tokenizer, prompt, policy, delay=32, chunk_size=16, continuation=answer, copies=3)
+    full = namm.generate(model, tokenizer, prompt, Full(), delay=32, chunk_size=16, continuation=answer)
+    assert many.continuation_logprob == pytest.approx([one.continuation_logprob[0]] * 3, abs=1e-4)
+    assert one.continuation_logprob[0] != pytest.approx(full.continuation_logprob[0], abs=1e-3)
+
+
+def test_graded_score_is_one_for_the_full_cache_and_orders_losses():
+    assert graded_score(np.array([-3.0]), -3.0, 2)[0] == 1.0
+    assert graded_score(np.array([-1.0]), -3.0, 2)[0] == 1.0  # better than full: capped at 1
+    near, lost = graded_score(np.array([-5.0, -30.0]), -3.0, 2)
+    assert 1.0 > near > lost > 0.0
+
+
+def test_graded_fitness_of_full_against_itself_is_exactly_one(tmp_path, first_word_task):  # noqa: F811
+    recipe = Recipe.from_dict(RECIPE)
+    ev = LMEvaluator(recipe, tmp_path, model=tiny_model("llama"), tokenizer=word_tokenizer())
+    ids = ev.sample_pool("first_word_test", "train")[:3]
+    assert ev.full_scores("first_word_test", ids).tolist() == [1.0, 1.0, 1.0]
+    # a member keeping everything (budget 1.0) has exactly the full cache's likelihood
+    ev.policy.budget = 1.0
+    res = ev.evaluate(ev.initial_params()[None].repeat(2, 0), "first_word_test", ids)
+    assert res.scores.tolist() == [[1.0] * 3] * 2
+    stored = json.loads((tmp_path / "full_logprob.json").read_text())
+    assert len(stored) == 3 and all(tokens == 1 for _, tokens in stored.values())
+
+
+def test_subspace_embeds_and_starts_where_asked():
+    cfg = NAMMConfig(**BUDGET_POLICY)
+    sub = Subspace(cfg, ["depth_logits", "head_weight"], {"depth_logits": [1.0, 2.0]})
+    assert sub.groups == ["head_weight", "depth_logits"] and sub.dim == cfg.feature_dim + 2
+    assert sub.initial()[-2:].tolist() == [1.0, 2.0]
+    full = sub.embed(np.ones((2, sub.dim)))
+    assert full.shape == (2, param_count(cfg)) and full.sum() == 2 * sub.dim
+    assert full[0, -2:].tolist() == [1.0, 1.0]
+    with pytest.raises(NammError, match="unknown parameter group"):
+        Subspace(cfg, ["qkv_weights"])
+    with pytest.raises(NammError, match="expected 2 finite values"):
+        Subspace(cfg, None, {"depth_logits": [1.0]})
+
+
+def test_csa_is_set_and_survives_a_save(tmp_path):
+    opt = CMAES(400, 8, seed=1, diagonal=True, csa=True)
+    assert "CSA" in type(opt._es.adapt_sigma).__name__
+    default = CMAES(400, 8, seed=1, diagonal=True)
+    assert "CSA" not in type(default._es.adapt_sigma).__name__  # pycma's own choice above 300 dimensions
+    opt.tell(opt.ask(), np.arange(8.0))
+    opt.save(tmp_path)
+    loaded, _ = CMAES.load(tmp_path)
+    assert loaded.config["csa"] and "CSA" in type(loaded._es.adapt_sigma).__name__
+    assert np.array_equal(loaded.ask(), opt.ask())
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _run(recipe, path, crash_after: int | None = None):
+    r = Recipe.from_dict(recipe)
+    ev = LMEvaluator(r, path, model=tiny_model("llama"), tokenizer=word_tokenizer())
+    if crash_after is not None:  # the evaluator dies in the middle of a generation
+        calls, inner = [0], ev.evaluate
+
+        def evaluate(*args):
+            calls[0] += 1
+            if calls[0] > crash_after:
+                raise Crash
+            return inner(*args)
+
+        ev.evaluate = evaluate
+    return evolve(r, path, (path / "optimizer.safetensors").exists(), lambda: ev, progress=False,
+                  prepare=lambda p: prepare_normalisation(r, p, samples_per_task=2, evaluator=ev),
+                  save_checkpoint=checkpoint_writer(r, path))
+
+
+def test_graded_subspace_run_resumes_exactly(tmp_path, first_word_task):  # noqa: F811
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    _run(RECIPE, whole)
+    with pytest.raises(Crash):
+        _run(RECIPE, split, crash_after=3)  # generation 1 and its validation, then death inside generation 2
+    _run(RECIPE, split)
+    a = [json.loads(x) for x in (whole / "log.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (split / "log.jsonl").read_text().splitlines()]
+    assert [r["best"] for r in a] == [r["best"] for r in b] and len(a) == 3
+    assert all(0.0 < r["best"] <= 1.0 for r in a)
+    m1, _ = CMAES.load(whole)
+    m2, _ = CMAES.load(split)
+    assert m1.n_params == NAMMConfig(**BUDGET_POLICY).feature_dim + 2
+    assert np.array_equal(m1.mean, m2.mean)
+    best = namm.NAMM.from_pretrained(whole / "checkpoints" / "latest")
+    assert best.active_budget == 0.5 and best.config.depth_knots == 2
+    sub = Subspace.from_recipe(best.config, RECIPE["search"])
+    assert np.allclose(best.get_params().numpy()[sub.index], m1.mean, atol=1e-6)
