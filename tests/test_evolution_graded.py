@@ -150,3 +150,41 @@ def test_graded_subspace_run_resumes_exactly(tmp_path, first_word_task):  # noqa
     assert best.active_budget == 0.5 and best.config.depth_knots == 2
     sub = Subspace.from_recipe(best.config, RECIPE["search"])
     assert np.allclose(best.get_params().numpy()[sub.index], m1.mean, atol=1e-6)
+
+
+class _NeedleRule(StreamingLLM):
+    """Recency, with the needle's tokens forced in (or out) of the cache."""
+
+    name = "needle_rule_test"
+
+    def __init__(self, budget, span, keep_needle):
+        super().__init__(budget=budget)
+        self.span, self.keep_needle = span, keep_needle
+
+    def score(self, step):
+        scores = super().score(step)
+        lo, hi = self.span
+        needle = (step.positions >= lo) & (step.positions < hi)
+        return scores.masked_fill(needle, float("inf") if self.keep_needle else float("-inf"))
+
+
+@pytest.mark.integration
+def test_graded_score_ranks_a_kept_needle_above_an_evicted_one(smollm2):
+    """Constructed case on SmolLM2: the same cache size, the passkey's tokens kept or evicted."""
+    from namm.tasks import get_task
+
+    model, tok = smollm2
+    task = get_task("passkey")
+    sample = task.samples(1, seed=4321, length=512, tokenizer=tok)[0]
+    needle = sample.meta["needles"][0]
+    span = (needle["token_index"], needle["token_end"])
+    answer = task.reference_continuation(sample)
+    run = lambda policy: namm.generate(model, tok, sample.prompt, policy, delay=128, chunk_size=128,  # noqa: E731
+                                       continuation=answer)
+    full = run(Full())
+    kept, lost = (run(_NeedleRule(0.3, span, keep)) for keep in (True, False))
+    tokens = full.continuation_tokens
+    s_kept = graded_score(np.array(kept.continuation_logprob), full.continuation_logprob[0], tokens)[0]
+    s_lost = graded_score(np.array(lost.continuation_logprob), full.continuation_logprob[0], tokens)[0]
+    assert kept.stats.cache_fraction == pytest.approx(lost.stats.cache_fraction, abs=0.01)
+    assert s_kept > 0.5 > s_lost, (s_kept, s_lost)
