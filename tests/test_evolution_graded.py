@@ -188,3 +188,79 @@ def test_graded_score_ranks_a_kept_needle_above_an_evicted_one(smollm2):
     s_lost = graded_score(np.array(lost.continuation_logprob), full.continuation_logprob[0], tokens)[0]
     assert kept.stats.cache_fraction == pytest.approx(lost.stats.cache_fraction, abs=0.01)
     assert s_kept > 0.5 > s_lost, (s_kept, s_lost)
+
+
+def test_replay_of_a_keep_all_member_reproduces_the_full_likelihood(tokenizer):
+    from namm.evolution.replay import record, replay_keep, replay_logprob
+
+    model = tiny_model("llama")
+    cfg = NAMMConfig(**{**BUDGET_POLICY, "budget": 1.0})
+    policy = namm.NAMM(cfg, params=torch.randn(param_count(cfg), generator=torch.Generator().manual_seed(3)))
+    prompt, answer = random_prompt(75, seed=8), " w12 w40"
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"][0]
+    rec = record(model, ids, policy, delay=32, chunk_size=16)
+    assert rec.steps == [32, 64, 75] and rec.layers == (0, 1, 2)
+    keep = replay_keep(rec, policy)
+    assert all(bool(k.all()) for k in keep)
+    answer_ids = tokenizer(answer, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    full = namm.generate(model, tokenizer, prompt, Full(), delay=32, chunk_size=16, continuation=answer)
+    assert replay_logprob(model, rec, keep, answer_ids)[0] == pytest.approx(full.continuation_logprob[0], abs=1e-4)
+
+
+def test_replay_keeps_the_allocated_budget_and_matches_a_masked_cache(tokenizer):
+    """Each row keeps its allocated budget at every replayed step, and the replayed likelihood equals the
+    answer's likelihood through a cache holding exactly the kept tokens (built independently)."""
+    from namm.cache import MemoryCache, clear_pending
+    from namm.evolution.replay import record, replay_keep, replay_logprob
+    from namm.policies.allocation import allocate
+
+    model = tiny_model("llama")
+    cfg = NAMMConfig(**BUDGET_POLICY)
+    n = param_count(cfg)
+    pop = torch.randn(2, n, generator=torch.Generator().manual_seed(4))
+    policy = namm.NAMM(cfg)
+    policy.set_population(pop)
+    prompt = random_prompt(80, seed=9)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"][0]
+    rec = record(model, ids, policy, delay=32, chunk_size=16)
+    keep = replay_keep(rec, policy)
+    fractions = allocate(pop[:, -2:], 0.5, 3)  # (2, 3)
+    for li, k in enumerate(keep):
+        expected = torch.ceil(80 * fractions[:, li] - 1e-9).long()
+        assert k.sum(-1).tolist() == [[int(e)] * k.shape[1] for e in expected]
+    answer = tokenizer(" w7 w8", add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    got = replay_logprob(model, rec, keep, answer)
+    # independently: process the prompt but its last token with a full cache, evict by hand, append the rest
+    for row in range(2):
+        cache = MemoryCache(model, Full(), delay=10**9)
+        with torch.no_grad():
+            clear_pending()
+            model(input_ids=ids[None, :-1], past_key_values=cache, use_cache=True)
+            for layer, k in zip(cache.managed, keep, strict=True):
+                layer.compact(k[row : row + 1, :, :-1])
+            clear_pending()
+            tail = torch.cat([ids[-1:], answer[:-1]])[None]
+            logits = model(input_ids=tail, past_key_values=cache, use_cache=True).logits.float()
+        lp = torch.log_softmax(logits, -1)[0].gather(-1, answer[:, None]).sum().item()
+        assert got[row] == pytest.approx(lp, abs=1e-4)
+
+
+def test_replay_evaluator_run_resumes_exactly(tmp_path, first_word_task):  # noqa: F811
+    recipe = {**RECIPE, "evaluator": "replay"}
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    _run(recipe, whole)
+    with pytest.raises(Crash):
+        _run(recipe, split, crash_after=4)
+    _run(recipe, split)
+    a = [json.loads(x) for x in (whole / "log.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (split / "log.jsonl").read_text().splitlines()]
+    assert [r["best"] for r in a] == [r["best"] for r in b] and len(a) == 3
+    assert all(0.0 < r["best"] <= 1.0 and 0.3 < r["cache_fraction"] < 0.7 for r in a)
+    assert np.array_equal(CMAES.load(whole)[0].mean, CMAES.load(split)[0].mean)
+
+
+def test_replay_needs_the_graded_metric_and_a_budget():
+    with pytest.raises(NammError, match="replay needs"):
+        Recipe.from_dict({**RECIPE, "evaluator": "replay", "metric": "task"})
+    with pytest.raises(NammError, match="replay needs"):
+        Recipe.from_dict({**RECIPE, "evaluator": "replay", "policy": {"selection": "per_head"}})
