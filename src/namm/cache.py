@@ -368,19 +368,6 @@ class EvictingLayer(DynamicLayer):
         )
         self.owner.stats.memory_seconds += time.perf_counter() - start
 
-    def restore(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor | None = None) -> None:
-        """Load ``(B, H, T, D)`` keys/values of the positions ``0..T-1`` (as if processed and then, where
-        ``keep`` ``(B, H, T)`` is False, evicted): a cache state built elsewhere, e.g. by a replay."""
-        self.lazy_initialization(keys, values)
-        self._forget_dense_metadata()
-        self.keys, self.values = keys, values
-        self.n_seen = self.last_step = keys.shape[2]
-        self.state, self.queries = {}, None
-        self.dense, self.padded = True, False
-        if keep is not None and not bool(keep.all()):
-            self.compact(keep)
-        self.owner._account(self)
-
     def compact(self, keep: torch.Tensor) -> None:
         """Keep the ``(B, H, T)`` slots set in ``keep``; shrink storage to the longest head."""
         counts = keep.sum(dim=-1)  # (B, H)

@@ -36,7 +36,6 @@ from namm.errors import NammError
 from namm.evolution._io import atomic_write_json
 from namm.evolution.evaluator import EvalResult
 from namm.evolution.recipe import Recipe, TaskSpec
-from namm.evolution.replay import kept_fraction, record, replay_keep, replay_logprob
 from namm.evolution.subspace import Subspace
 from namm.memory import NAMM, NAMMConfig
 from namm.policies import Full
@@ -45,14 +44,6 @@ from namm.tasks import LongBenchTask, Sample, Task, get_task
 SYNTHETIC_POOL = 100_000
 NORMALISATION_DIR = "normalisation"
 FULL_LOGPROB_FILE = "full_logprob.json"
-RECORDINGS_KEPT = 16  # keep-all recordings held in memory (replay evaluator): one generation's samples
-
-
-@dataclass
-class _ReplayStats:
-    """What the loop reads from a run's statistics, for a replayed one: the kept share per member."""
-
-    row_cache_fraction: list[float]
 
 
 def graded_score(member_logprob: np.ndarray, full_logprob: np.ndarray | float, tokens: int) -> np.ndarray:
@@ -97,7 +88,6 @@ class LMEvaluator:
         self._samples: dict[tuple[str, str], Sample] = {}
         self._full_logprob_path = self.run_dir / FULL_LOGPROB_FILE
         self._full_logprob: dict[str, float] = {}
-        self._recordings: dict[tuple[str, str], tuple] = {}
         if self._full_logprob_path.exists():
             self._full_logprob = json.loads(self._full_logprob_path.read_text())
 
@@ -179,27 +169,7 @@ class LMEvaluator:
                 out.append(self._run(task, s, Full())[0][0])
         return np.array(out)
 
-    def _recording(self, task: str, sample_id: str):
-        """The keep-all replay recording of a sample and its answer ids (the last few are kept in memory)."""
-        key = (task, sample_id)
-        if key not in self._recordings:
-            sample = self.sample(task, sample_id)
-            ids = self.tokenizer(sample.prompt, return_tensors="pt")["input_ids"][0]
-            cont = self.task(task).reference_continuation(sample)
-            answer = self.tokenizer(cont, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-            rec = record(self.model, ids, self.policy, self.recipe.delay, self.recipe.chunk_size)
-            while len(self._recordings) >= RECORDINGS_KEPT:
-                self._recordings.pop(next(iter(self._recordings)))
-            self._recordings[key] = (rec, answer)
-        return self._recordings[key]
-
     def _member_scores(self, task: str, sample_id: str, copies: int):
-        if self.graded(sample_id) and self.recipe.evaluator == "replay":
-            full, tokens = self.full_logprob(task, sample_id)
-            rec, answer = self._recording(task, sample_id)
-            keep = replay_keep(rec, self.policy)
-            lp = replay_logprob(self.model, rec, keep, answer)
-            return graded_score(lp, full, tokens), _ReplayStats(kept_fraction(rec, keep).tolist())
         if self.graded(sample_id):
             full, tokens = self.full_logprob(task, sample_id)
             lp, _, stats = self._logprob(task, sample_id, self.policy, copies=copies)

@@ -17,8 +17,6 @@ Example::
                                   # log-likelihood relative to the full cache (no decoding)
     search: {groups: [head_weight, depth_logits], start: {head_weight: [...]}}   # optional subspace
     csa: false                    # true: cumulative step-size adaptation (the reference's) at any dimension
-    evaluator: exact              # or "replay": the budgeted NAMM's selections replayed on a keep-all
-                                  # recording of each sample (metric: likelihood; see namm.evolution.replay)
     backend: local                # or "ray"
     ray: {address: null, num_workers: 2, num_cpus_per_worker: 1, num_gpus_per_worker: 0}
     stages:
@@ -51,7 +49,6 @@ from namm.errors import NammError
 
 BACKENDS = ("local", "ray")
 METRICS = ("task", "likelihood")
-EVALUATORS = ("exact", "replay")
 
 
 @dataclass
@@ -126,7 +123,6 @@ class Recipe:
     metric: str = "task"
     search: dict[str, Any] = field(default_factory=dict)
     csa: bool = False
-    evaluator: str = "exact"
 
     @property
     def total_generations(self) -> int:
@@ -174,16 +170,10 @@ class Recipe:
             metric=f.text("metric", "task"),
             search=f.json_dict("search"),
             csa=f.flag("csa", False),
-            evaluator=f.text("evaluator", "exact"),
         )
         f.finish()
         if recipe.metric not in METRICS:
             raise NammError(f"recipe field 'metric': must be one of {list(METRICS)}, got {recipe.metric!r}.")
-        if recipe.evaluator not in EVALUATORS:
-            raise NammError(f"recipe field 'evaluator': must be one of {list(EVALUATORS)}, got {recipe.evaluator!r}.")
-        if recipe.evaluator == "replay" and (recipe.metric != "likelihood" or recipe.policy.get("budget") is None):
-            raise NammError("recipe field 'evaluator': replay needs metric: likelihood and a budgeted policy "
-                            "(policy.budget).")
         unknown = sorted(set(recipe.search) - {"groups", "start"})
         if unknown:
             raise NammError(f"recipe field 'search.{unknown[0]}' is unknown (search has 'groups' and 'start').")
