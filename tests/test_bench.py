@@ -267,3 +267,25 @@ def test_leaderboard_statistics_from_known_records(tmp_path):
     render(suite, tmp_path, page)
     again = page.read_text()
     assert again.count("bench-toy:start") == 1 and "kept" in again
+
+
+def test_question_agnostic_suite_compresses_once_after_the_context(llama, tokenizer, tmp_path):
+    from namm.bench import run_suite
+
+    path = tmp_path / "qa.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "qa", "mode": "question-agnostic", "delay": 512, "chunk_size": 128,
+        "tasks": [{"task": "passkey", "lengths": [256], "samples": 2}],
+        "policies": ["full", {"name": "kvzip", "budgets": [0.5]}, {"name": "snapkv", "budgets": [64]}],
+    }))
+    suite = load_suite(path)
+    assert run_suite(suite, tmp_path, llama, tokenizer, progress=False) == 6
+    samples = get_task("passkey").samples(2, seed=7000, length=256, tokenizer=tokenizer)
+    for label in ("kvzip@0.5", "snapkv@64"):
+        for rec, sample in zip(_lines(records_file(tmp_path, "passkey-256-s7000", label)), samples, strict=True):
+            context = len(tokenizer(sample.context)["input_ids"])
+            assert rec["setting"]["question_agnostic"] is True
+            assert [n for n, _ in rec["kept_per_step"]] == [context]  # one step, at the end of the context
+            assert rec["mean_kept_tokens"] == pytest.approx(context / 2 if label == "kvzip@0.5" else 64, abs=1)
+    res = CliRunner().invoke(app, ["bench", "--suite", "no-such-suite", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "no shipped suite" in res.output and "Traceback" not in res.output

@@ -80,7 +80,9 @@ class PyramidKV(SnapKV):
     With ``k`` the uniform per-head budget, the first layer keeps ``2k - m`` and the last ``m = max(k / beta,
     window)`` tokens per head (kvpress's rule; kvpress falls back to uniform budgets when ``k / beta`` is below
     the window, here the floor is the window instead); the mean over layers is ``k`` up to rounding. When the
-    first layer's share would exceed the tokens seen it is capped there and the last layer gets the rest.
+    first layer's share would exceed the tokens seen it is capped there and the last layer gets the rest. The line
+    runs over all decoder layers; in a model with sliding-window layers (Gemma 3) only the full-attention ones are
+    managed, so their mean is near, not at, ``k``.
 
     Args:
         budget, window, kernel: as :class:`~namm.policies.classic.SnapKV` (``budget`` is the mean over layers).
