@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 import namm
 from conftest import random_prompt, tiny_model, word_tokenizer
@@ -18,6 +17,7 @@ from namm.evolution.recipe import Recipe
 from namm.evolution.subspace import Subspace
 from namm.memory import NAMMConfig, param_count
 from namm.policies import Full, StreamingLLM
+from namm.scoring import gold_answer
 from test_evolution_lm import first_word_task  # noqa: F401 - fixture
 
 BUDGET_POLICY = {"selection": "per_head", "hop": 4, "n_fft": 8, "delay": 32, "budget": 0.5, "depth_knots": 2,
@@ -40,28 +40,15 @@ RECIPE = {
 }
 
 
-def test_continuation_logprob_with_the_full_cache_equals_a_plain_forward(tokenizer):
-    model = tiny_model("llama")
-    prompt, answer = random_prompt(70, seed=5), " w9 w17 w33"
-    out = namm.generate(model, tokenizer, prompt, Full(), delay=32, chunk_size=16, continuation=answer)
-    ids = tokenizer(prompt + answer, return_tensors="pt")["input_ids"]
-    n = len(tokenizer(prompt)["input_ids"])
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, n - 1 : -1].float()
-    expected = torch.log_softmax(logits, -1).gather(-1, ids[0, n:, None]).sum().item()
-    assert out.continuation_tokens == 3
-    assert out.continuation_logprob[0] == pytest.approx(expected, abs=1e-4)
-
-
-def test_continuation_logprob_under_eviction_matches_copies_and_differs_from_full(tokenizer):
+def test_answer_logprob_under_eviction_matches_copies_and_differs_from_full(tokenizer):
     model = tiny_model("qwen2")
     prompt, answer = random_prompt(90, seed=6), " w4 w5"
     policy = StreamingLLM(budget=12)
-    one = namm.generate(model, tokenizer, prompt, policy, delay=32, chunk_size=16, continuation=answer)
-    many = namm.generate(model, tokenizer, prompt, policy, delay=32, chunk_size=16, continuation=answer, copies=3)
-    full = namm.generate(model, tokenizer, prompt, Full(), delay=32, chunk_size=16, continuation=answer)
-    assert many.continuation_logprob == pytest.approx([one.continuation_logprob[0]] * 3, abs=1e-4)
-    assert one.continuation_logprob[0] != pytest.approx(full.continuation_logprob[0], abs=1e-3)
+    run = lambda pol, copies=1: namm.generate(model, tokenizer, prompt, pol, max_new_tokens=0, delay=32,  # noqa: E731
+                                              chunk_size=16, answer=answer, copies=copies)
+    one, many, full = run(policy), run(policy, 3), run(Full())
+    assert [a.logprob for a in many.answer] == pytest.approx([one.answer.logprob] * 3, abs=1e-4)
+    assert one.answer.tokens == 2 and one.answer.logprob != pytest.approx(full.answer.logprob, abs=1e-3)
 
 
 def test_graded_score_is_one_for_the_full_cache_and_orders_losses():
@@ -178,13 +165,13 @@ def test_graded_score_ranks_a_kept_needle_above_an_evicted_one(smollm2):
     sample = task.samples(1, seed=4321, length=512, tokenizer=tok)[0]
     needle = sample.meta["needles"][0]
     span = (needle["token_index"], needle["token_end"])
-    answer = task.reference_continuation(sample)
-    run = lambda policy: namm.generate(model, tok, sample.prompt, policy, delay=128, chunk_size=128,  # noqa: E731
-                                       continuation=answer)
+    answer = gold_answer(sample, task)
+    run = lambda policy: namm.generate(model, tok, sample.prompt, policy, max_new_tokens=0, delay=128,  # noqa: E731
+                                       chunk_size=128, answer=answer)
     full = run(Full())
     kept, lost = (run(_NeedleRule(0.3, span, keep)) for keep in (True, False))
-    tokens = full.continuation_tokens
-    s_kept = graded_score(np.array(kept.continuation_logprob), full.continuation_logprob[0], tokens)[0]
-    s_lost = graded_score(np.array(lost.continuation_logprob), full.continuation_logprob[0], tokens)[0]
+    tokens = full.answer.tokens
+    s_kept = graded_score(np.array([kept.answer.logprob]), full.answer.logprob, tokens)[0]
+    s_lost = graded_score(np.array([lost.answer.logprob]), full.answer.logprob, tokens)[0]
     assert kept.stats.cache_fraction == pytest.approx(lost.stats.cache_fraction, abs=0.01)
     assert s_kept > 0.5 > s_lost, (s_kept, s_lost)

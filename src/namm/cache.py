@@ -13,6 +13,12 @@ Sliding-window layers (e.g. 15 of Gemma 3's 18 layers) are left to transformers'
 Memory steps run inside the attention call of each layer (see :mod:`namm.attention`), whenever the
 layer's absolute token count reaches or crosses a multiple of ``delay``: the policy scores the layer's
 cached tokens, keeps some, and the layer gathers its storage, positions and per-token policy state.
+
+Probes (:meth:`MemoryCache.probe`): tokens run through the cache and taken out again afterwards, so that the
+cache is as before; no memory step runs meanwhile. The engine uses them to teacher-force a gold answer
+(:mod:`namm.scoring`) and, for a policy with ``needs_probe`` (KVzip), to run its reconstruction prompt before
+a memory step: each layer then keeps the probe's queries and keys and hands them to the step as a
+:class:`~namm.policies.base.Probe`.
 """
 
 from __future__ import annotations
@@ -20,13 +26,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicLayer, get_layer_types_and_kwargs
 
 from namm.errors import NammError
-from namm.policies.base import ALL_QUERIES, MemoryStep, Policy
+from namm.policies.base import ALL_QUERIES, MemoryStep, Policy, Probe
 
 _PENDING = threading.local()
 _ATTENTION_CHUNK_ELEMENTS = 1 << 26  # 256 MiB of float32 logits per block of queries at a memory step
@@ -100,6 +107,8 @@ class EvictingLayer(DynamicLayer):
         self.queries: torch.Tensor | None = None
         self.softcap: float | None = None
         self.bytes = 0
+        self.probe_queries: torch.Tensor | None = None  # (B, H_q, P, D) while a capturing probe runs
+        self.probe: Probe | None = None  # the last captured probe, consumed by the next memory step
 
     # --- transformers Cache layer API -------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -252,6 +261,11 @@ class EvictingLayer(DynamicLayer):
 
     def after_attention(self, query: torch.Tensor) -> None:
         """Keep the recent queries a policy asked for and run the memory step when one is due."""
+        if self.owner.probing:
+            if self.owner.capture_probe:
+                query = query.detach()
+                self.probe_queries = query if self.probe_queries is None else torch.cat([self.probe_queries, query], 2)
+            return
         policy = self.owner.policy
         window = policy.query_window
         if window is not None:
@@ -266,6 +280,30 @@ class EvictingLayer(DynamicLayer):
         """Whether the absolute token count reached or crossed a multiple of ``delay`` since the last step."""
         delay = self.owner.delay
         return self.n_seen // delay > self.last_step // delay
+
+    def drop_probe(self, n_seen: int, capture: bool) -> None:
+        """Remove the tokens appended since the layer had seen ``n_seen`` (a probe); keep them as a
+        :class:`~namm.policies.base.Probe` for the next memory step when ``capture``."""
+        p = self.n_seen - n_seen
+        if p <= 0:
+            self.probe_queries = None
+            return
+        if capture and self.probe_queries is not None:
+            self.probe = Probe(queries=self.probe_queries, keys=self.keys[:, :, -p:], start=self.last_step,
+                               scaling=self.owner.scaling[self.layer_idx], softcap=self.softcap)
+        self.probe_queries = None
+        self.keys, self.values = self.keys[:, :, :-p], self.values[:, :, :-p]
+        if self._positions is not None:
+            self._positions = self._positions[..., :-p]
+        if self._valid is not None:
+            self._valid = self._valid[..., :-p]
+        if self._real is not None:
+            self._real = self._real[:, :-p]
+        self.state = {k: v[:, :, :-p] for k, v in self.state.items()}
+        self.n_seen = n_seen
+        if self.dense:
+            self._forget_dense_metadata()
+        self.owner._account(self)
 
     # --- the memory step ---------------------------------------------------------------------------
     def attention_blocks(self, bounds: list[int]) -> Iterator[torch.Tensor]:
@@ -352,7 +390,9 @@ class EvictingLayer(DynamicLayer):
             n_real=self.real.sum(dim=-1),
             state=self.state,
             managed_layers=self.owner.managed_ids,
+            probe=self.probe,
         )
+        self.probe = None
         scores = policy.score(step)
         keep = policy.keep(step, scores) & self.valid
         self.state = step.state
@@ -428,7 +468,9 @@ class MemoryCache(Cache):
         self.managed_ids = tuple(lay.layer_idx for lay in layers if isinstance(lay, EvictingLayer))
         self.policy = policy
         self.delay = delay
-        self.defer_steps = False  # hold memory steps back (shared population prefix); see run_due_steps
+        self.defer_steps = False  # hold memory steps back (shared population prefix, probes); see run_due_steps
+        self.probing = False  # tokens now appended are a probe (see probe()): no memory step runs
+        self.capture_probe = False  # ... and the layers keep their queries for the next memory step
         self.stats = CacheStats()
         self._bytes_total = 0
         clear_pending()
@@ -444,6 +486,41 @@ class MemoryCache(Cache):
         layer.bytes = new
         others = sum(lay.keys.nbytes + lay.values.nbytes for lay in self._unmanaged if lay.is_initialized)
         self.stats.peak_bytes = max(self.stats.peak_bytes, self._bytes_total + others)
+
+    def steps_due(self) -> bool:
+        """Whether a managed layer is due for a memory step (one is held back by :attr:`defer_steps`)."""
+        return any(layer.is_initialized and layer.step_due() for layer in self.managed)
+
+    def unstepped_start(self) -> int:
+        """Absolute position of the first token no memory step has seen yet (the same in every managed layer)."""
+        return min(layer.last_step for layer in self.managed if layer.is_initialized)
+
+    @contextmanager
+    def probe(self, capture: bool = False) -> Iterator[None]:
+        """Run tokens through the cache inside this block and take them out again when it ends.
+
+        Inside, forward calls append to every layer as usual (the tokens attend to the whole cache and causally
+        to each other; their logits are the model's) but no memory step runs. On exit every layer, sliding ones
+        included, is as it was before the block. With ``capture``, each managed layer keeps the probe tokens'
+        queries and keys and hands them, as a :class:`~namm.policies.base.Probe`, to its next memory step.
+        """
+        if self.probing:
+            raise NammError("A namm cache probe cannot be nested.")
+        marks = [(layer, layer.n_seen) for layer in self.managed if layer.is_initialized]
+        if len(marks) != len(self.managed):
+            raise NammError("A namm cache can only be probed after the prompt has been processed.")
+        saved = [(layer, dict(vars(layer))) for layer in self._unmanaged]  # their update() rebinds, never mutates
+        self.probing, self.capture_probe = True, capture
+        try:
+            yield
+        finally:
+            self.probing = self.capture_probe = False
+            clear_pending()
+            for layer, n_seen in marks:
+                layer.drop_probe(n_seen, capture)
+            for layer, attributes in saved:
+                layer.__dict__.clear()
+                layer.__dict__.update(attributes)
 
     def run_due_steps(self) -> None:
         """Run the memory steps that :attr:`defer_steps` held back."""

@@ -1,4 +1,4 @@
-"""The ``namm`` command line: generate, policies, eval, compare, demo, evolve, evolve-plot."""
+"""The ``namm`` command line: generate, policies, eval, compare, demo, bench, evolve, evolve-plot."""
 
 from __future__ import annotations
 
@@ -300,6 +300,26 @@ def demo(
     compare(model=model, task="passkey", policies=names, budget=budget, match_budget="namm" if shipped else None,
             namm_checkpoint=model if shipped else None, samples=samples, max_length=length, seed=0,
             offset=0, delay=delay, chunk_size=delay, question_agnostic=False, out=out)
+
+
+@app.command()
+def bench(
+    suite: str = typer.Option(..., "--suite", help="Suite YAML file, or a shipped suite: quick, standard."),
+    out: Path = typer.Option(..., "--out", help="Records directory (one JSON line per sample; resumes from it)."),
+    model: str = typer.Option(None, help="Model (default: the suite's)."),
+    leaderboard: Path = typer.Option(None, help="Markdown page for the leaderboard (default: OUT/leaderboard.md)."),
+    render_only: bool = typer.Option(False, help="Only render the leaderboard from the records in OUT."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Run a benchmark suite (every policy x budget on its tasks) and render the leaderboard with 95% intervals."""
+
+    def body():
+        from namm.bench.main import main  # noqa: PLC0415
+
+        page, computed = main(suite, out, model=model, page=leaderboard, render_only=render_only, progress=progress)
+        console.print(f"{computed} samples computed; leaderboard: {page}")
+
+    _run(body)
 
 
 @app.command()

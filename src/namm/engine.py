@@ -8,6 +8,12 @@ policy runs inside the cache (:class:`namm.cache.MemoryCache`), so the same cach
 
 Batches of several prompts are left-padded; padding tokens are never attended to, never counted in
 budgets and are evicted at the first memory step.
+
+Policies that score tokens by running the model (``needs_probe``, e.g. KVzip) get their memory steps from
+the engine: steps are held back during forward calls, and when one is due :func:`probe_step` runs the
+policy's probe tokens through the cache (:meth:`namm.cache.MemoryCache.probe`), which takes them out again
+and runs the steps with the probe's queries. With ``answer=`` the engine also scores a gold answer
+teacher-forced against the cache right after the prompt (:class:`AnswerScore`; no decoding needed).
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ class GenerationStats:
         padding_fraction: share of managed storage slots that are per-head compaction padding.
         prefill_seconds / decode_seconds / memory_seconds: wall-clock times (memory steps are inside
             prefill and decode).
+        probe_seconds: time of the probe forward passes of a ``needs_probe`` policy (KVzip's reconstruction),
+            inside prefill and decode; the answer scoring of ``answer=`` is not counted anywhere.
     """
 
     prompt_tokens: list[int]
@@ -57,6 +65,7 @@ class GenerationStats:
     prefill_seconds: float
     decode_seconds: float
     memory_seconds: float
+    probe_seconds: float = 0.0  # forward passes of a needs_probe policy's probes (inside prefill/decode)
 
     @property
     def seconds(self) -> float:
@@ -84,6 +93,24 @@ class GenerationStats:
 
 
 @dataclass
+class AnswerScore:
+    """Teacher-forced log-likelihood of a gold answer given the (compressed) cache after the prompt.
+
+    Attributes:
+        logprob: sum over the answer's tokens of ``log p(token | prompt, earlier answer tokens)`` (nats).
+        tokens: number of answer tokens scored.
+    """
+
+    logprob: float
+    tokens: int
+
+    @property
+    def mean_nll(self) -> float:
+        """Mean negative log-likelihood per answer token (nats)."""
+        return -self.logprob / max(self.tokens, 1)
+
+
+@dataclass
 class GenerationResult:
     """Output of :func:`generate`. ``text``/``token_ids`` are per row for a batch, plain for one prompt."""
 
@@ -91,10 +118,7 @@ class GenerationResult:
     token_ids: list[int] | list[list[int]]
     stats: GenerationStats
     logits: torch.Tensor | None = None  # (B, new_tokens, vocab) if return_logits
-    #: ``continuation=`` mode: per row, the summed log-probability of the continuation's tokens, teacher-forced
-    #: against the managed cache (no decoding), and the number of those tokens.
-    continuation_logprob: list[float] | None = None
-    continuation_tokens: int = 0
+    answer: AnswerScore | list[AnswerScore] | None = None  # with generate(answer=...): per row for copies > 1
 
 
 class _Meter:
@@ -160,6 +184,59 @@ def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: fl
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
+def probe_step(model, tokenizer, cache: MemoryCache, history: torch.Tensor, final: bool = False) -> float:
+    """Run the memory steps of a cache whose policy ``needs_probe``: its probe first, then the steps.
+
+    The probe (:meth:`Policy.probe_ids` of the tokens since the previous memory step) runs through the cache in
+    one forward pass, teacher-forced; the cache captures its queries and keys, takes it out again, and the due
+    steps (every layer's, with ``final``: the forced step of question-agnostic mode) score with it.
+
+    Args:
+        model, tokenizer: the model and its tokenizer.
+        cache: the :class:`MemoryCache` (one row), after a forward call.
+        history: ``(1, n_seen)`` ids of every token the cache has seen.
+        final: run a step in every layer now (:meth:`MemoryCache.compress_now`) rather than the due ones.
+
+    Returns:
+        Seconds spent in the probe's forward pass (0 when no step was due).
+    """
+    start, end = cache.unstepped_start(), history.shape[1]
+    if start >= end or not (final or cache.steps_due()):
+        return 0.0
+    t0 = time.perf_counter()
+    ids = cache.policy.probe_ids(tokenizer, history[:, start:end], history[:, :start])
+    with cache.probe(capture=True):
+        clear_pending()
+        model(input_ids=ids.to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    seconds = time.perf_counter() - t0
+    if final:
+        cache.compress_now()
+    else:
+        cache.run_due_steps()
+    return seconds
+
+
+def _answer_ids(tokenizer, answer: str, max_tokens: int | None) -> torch.Tensor:
+    ids = tokenizer(answer, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :max_tokens]
+    if ids.shape[1] == 0:
+        raise NammError(f"The gold answer {answer!r} has no tokens to score.")
+    return ids
+
+
+def _score_answer(model, cache: MemoryCache, last_logits: torch.Tensor, ids: torch.Tensor) -> list[AnswerScore]:
+    """Teacher-force answer ``ids`` ``(1, A)`` against ``cache`` (taken out again) in every row; ``last_logits``
+    ``(B, V)`` predict the first of them. One :class:`AnswerScore` per row."""
+    ids = ids.to(last_logits.device).expand(last_logits.shape[0], -1)
+    logits = last_logits.float()[:, None]
+    if ids.shape[1] > 1:
+        with cache.probe():
+            clear_pending()
+            out = model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
+        logits = torch.cat([logits, out.logits.float()], dim=1)
+    logprob = torch.log_softmax(logits, dim=-1).gather(-1, ids[..., None]).squeeze(-1).sum(-1)
+    return [AnswerScore(float(v), int(ids.shape[1])) for v in logprob.tolist()]
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -177,7 +254,8 @@ def generate(
     ignore_eos: bool = False,
     question: str | None = None,
     copies: int = 1,
-    continuation: str | None = None,
+    answer: str | None = None,
+    max_answer_tokens: int | None = None,
 ) -> GenerationResult:
     """Generate with a KV cache managed by ``policy``.
 
@@ -198,9 +276,11 @@ def generate(
         copies: run one prompt as a batch of ``copies`` identical rows, e.g. one per member of a NAMM
             population (``NAMM.set_population``). The prefix before the first memory step is the same for
             every row, so it is computed once and its cache copied to every row.
-        continuation: graded mode: instead of decoding, feed this text (e.g. the gold answer, with its
-            leading space) after the prompt in one forward call through the managed cache and return its
-            teacher-forced log-likelihood in ``continuation_logprob`` (``max_new_tokens`` is ignored).
+        answer: a gold answer to score teacher-forced right after the prompt (and the question), against the
+            cache as the memory steps left it; no memory step runs inside the answer. The result's ``answer``
+            holds its :class:`AnswerScore`. Decoding then starts from the same cache (``max_new_tokens=0``
+            skips it). One prompt only.
+        max_answer_tokens: score at most this many of the answer's first tokens.
 
     Returns:
         A :class:`GenerationResult` with the text, the generated ids and :class:`GenerationStats`.
@@ -221,16 +301,19 @@ def generate(
         mask = torch.ones_like(input_ids)
     if copies < 1 or (copies > 1 and (input_ids.shape[0] != 1 or question is not None)):
         raise NammError("copies > 1 needs a single prompt (and no question).")
-    cont_ids = None
-    if continuation is not None:
-        cont_ids = tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        if cont_ids.shape[1] == 0 or input_ids.shape[0] != 1:
-            raise NammError("continuation= needs a single prompt and a continuation with at least one token.")
-        max_new_tokens = cont_ids.shape[1]
+    probing = policy.needs_probe
+    if probing and (input_ids.shape[0] != 1 or copies > 1):
+        raise NammError(f"The {policy.describe()} policy needs a single prompt (no batch, copies=1).")
+    if answer is not None and input_ids.shape[0] != 1:
+        raise NammError("Scoring an answer needs a single prompt (copies= may repeat it, e.g. for a population).")
     b, n = input_ids.shape
     if n == 0:
         raise NammError("Empty prompt: it has no tokens.")
+    answer_ids = None if answer is None else _answer_ids(tokenizer, answer, max_answer_tokens)
     limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    if limit and answer_ids is not None and n + answer_ids.shape[1] > limit:
+        raise NammError(f"The prompt ({n} tokens) plus the answer to score ({answer_ids.shape[1]} tokens) exceeds the "
+                        f"model's context of {limit} tokens; pass max_answer_tokens or shorten the prompt.")
     if limit and n + max_new_tokens > limit:
         raise NammError(
             f"The prompt ({n} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's context of "
@@ -241,25 +324,31 @@ def generate(
     input_ids, mask = input_ids.to(device), mask.to(device)
     padded = not bool(mask.all())
     cache = MemoryCache(model, policy, delay=delay)
+    cache.defer_steps = probing  # the engine runs them, after the probe (probe_step)
+    probe_seconds = 0.0
     meter = _Meter(cache)
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
-    def forward(ids: torch.Tensor, start: int, record: bool = True, every_logit: bool = False) -> torch.Tensor:
+    def forward(ids: torch.Tensor, start: int, record: bool = True) -> torch.Tensor:
         end = start + ids.shape[1]
         kwargs = {}
         if padded:
             kwargs["attention_mask"] = full_mask[:, :end]
             kwargs["position_ids"] = (full_mask[:, :end].cumsum(-1) - 1).clamp(min=0)[:, start:end]
+        nonlocal probe_seconds
         clear_pending()
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=0 if every_logit else 1,
-                    **kwargs)
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+        if probing:
+            seen = input_ids if end <= n else torch.cat([input_ids, torch.stack(generated, dim=1)], dim=1)
+            probe_seconds += probe_step(model, tokenizer, cache, seen[:, :end])
         if record:
             meter.record(ids.shape[1], end)
-        return out.logits if every_logit else out.logits[:, -1]
+        return out.logits[:, -1]
 
     full_mask = torch.cat([mask, mask.new_ones(b, max_new_tokens)], dim=1)
     if one_pass:
         chunk_size = n  # nothing to keep in step with: prefill at once, as plain transformers does
+    generated: list[torch.Tensor] = []
     t0 = time.perf_counter()
     start = 0
     if copies > 1:
@@ -283,15 +372,18 @@ def generate(
         logits = forward(input_ids[:, start:end], start)
         start = end
         if question is not None and start == context_len:
-            cache.compress_now()
+            if probing:
+                probe_seconds += probe_step(model, tokenizer, cache, input_ids[:, :start], final=True)
+            else:
+                cache.compress_now()
     prefill_seconds = time.perf_counter() - t0
-    if cont_ids is not None:
-        return _score_continuation(cache, meter, mask, logits, cont_ids.to(device), forward, n, prefill_seconds)
+    scored = None
+    if answer_ids is not None:
+        scored = _score_answer(model, cache, logits, answer_ids)
 
     eos = set() if ignore_eos else _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos), 0)
     done = torch.zeros(b, dtype=torch.bool, device=device)
-    generated: list[torch.Tensor] = []
     all_logits: list[torch.Tensor] = []
     t1 = time.perf_counter()
     for i in range(max_new_tokens):
@@ -310,24 +402,11 @@ def generate(
     rows = [_cut_at_eos(row, eos) for row in rows]
     texts = [tokenizer.decode([t for t in row if t not in eos], skip_special_tokens=True) for row in rows]
     stats = _stats(cache, meter, mask, rows, prefill_seconds, decode_seconds)
+    stats.probe_seconds = probe_seconds
     logits_out = torch.stack(all_logits, dim=1) if return_logits and all_logits else None
     if batched or copies > 1:
-        return GenerationResult(texts, rows, stats, logits_out)
-    return GenerationResult(texts[0], rows[0], stats, logits_out)
-
-
-def _score_continuation(cache, meter, mask, last_logits, cont_ids, forward, n, prefill_seconds) -> GenerationResult:
-    """Teacher-force ``cont_ids`` ``(1, M)`` after the prompt: one forward call, summed log-probabilities."""
-    t1 = time.perf_counter()
-    b, m = last_logits.shape[0], cont_ids.shape[1]
-    ids = cont_ids.expand(b, -1)
-    logits = last_logits[:, None]
-    if m > 1:
-        logits = torch.cat([logits, forward(ids[:, :-1], n, every_logit=True)], dim=1)  # (B, M, V)
-    logprob = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[..., None]).squeeze(-1).sum(-1)
-    rows = [ids[r].tolist() for r in range(b)]
-    stats = _stats(cache, meter, mask, rows, prefill_seconds, time.perf_counter() - t1)
-    return GenerationResult(["" for _ in range(b)], rows, stats, None, logprob.tolist(), m)
+        return GenerationResult(texts, rows, stats, logits_out, scored)
+    return GenerationResult(texts[0], rows[0], stats, logits_out, scored[0] if scored else None)
 
 
 def _cut_at_eos(row: list[int], eos: set[int]) -> list[int]:

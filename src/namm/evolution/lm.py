@@ -39,6 +39,7 @@ from namm.evolution.recipe import Recipe, TaskSpec
 from namm.evolution.subspace import Subspace
 from namm.memory import NAMM, NAMMConfig
 from namm.policies import Full
+from namm.scoring import gold_answer
 from namm.tasks import LongBenchTask, Sample, Task, get_task
 
 SYNTHETIC_POOL = 100_000
@@ -139,10 +140,11 @@ class LMEvaluator:
     def _logprob(self, task: str, sample_id: str, policy, copies: int = 1):
         """Teacher-forced log-likelihood of the gold answer, per row, and the run's statistics."""
         sample = self.sample(task, sample_id)
-        cont = self.task(task).reference_continuation(sample)
-        out = generate(self.model, self.tokenizer, sample.prompt, policy, delay=self.recipe.delay,
-                       chunk_size=self.recipe.chunk_size, copies=copies, continuation=cont)
-        return np.asarray(out.continuation_logprob), out.continuation_tokens, out.stats
+        cont = gold_answer(sample, self.task(task))
+        out = generate(self.model, self.tokenizer, sample.prompt, policy, max_new_tokens=0, delay=self.recipe.delay,
+                       chunk_size=self.recipe.chunk_size, copies=copies, answer=cont)
+        scores = out.answer if isinstance(out.answer, list) else [out.answer]
+        return np.array([a.logprob for a in scores]), scores[0].tokens, out.stats
 
     def full_logprob(self, task: str, sample_id: str) -> tuple[float, int]:
         """The full cache's gold-answer log-likelihood and its token count (computed once, kept on disk)."""

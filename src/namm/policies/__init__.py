@@ -8,10 +8,13 @@ from __future__ import annotations
 import dataclasses
 
 from namm.errors import NammError
-from namm.policies.base import ALL_QUERIES, BudgetPolicy, BudgetSchedule, MemoryStep, Policy
+from namm.policies.base import ALL_QUERIES, BudgetPolicy, BudgetSchedule, MemoryStep, Policy, Probe
 from namm.policies.classic import H2O, Full, L2Norm, Random, SnapKV, StreamingLLM
+from namm.policies.peers import TOVA, AdaKV, KVzip, PyramidKV
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (Full, StreamingLLM, H2O, L2Norm, SnapKV, Random)}
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls for cls in (Full, StreamingLLM, H2O, L2Norm, SnapKV, Random, TOVA, AdaKV, PyramidKV, KVzip)
+}
 
 
 def register_policy(cls: type[Policy]) -> type[Policy]:
@@ -48,12 +51,17 @@ __all__ = [
     "ALL_QUERIES",
     "H2O",
     "POLICIES",
+    "TOVA",
+    "AdaKV",
     "BudgetPolicy",
     "BudgetSchedule",
     "Full",
+    "KVzip",
     "L2Norm",
     "MemoryStep",
     "Policy",
+    "Probe",
+    "PyramidKV",
     "Random",
     "SnapKV",
     "StreamingLLM",

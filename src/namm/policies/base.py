@@ -50,6 +50,8 @@ class MemoryStep:
             the runtime gathers every entry with the kept indices. A policy may replace entries.
         managed_layers: indices of the layers the cache manages (``None``: all ``num_layers``), so a policy
             can place this layer by relative depth among them (Gemma 3: only its global layers).
+        probe: for a policy with ``needs_probe`` (KVzip): the tokens the engine ran through the cache just
+            before this step (see :class:`Probe`), else ``None``.
     """
 
     layer_idx: int
@@ -73,6 +75,72 @@ class MemoryStep:
         if self.layer_idx not in layers:
             raise NammError(f"Layer {self.layer_idx} is not among the managed layers {layers}.")
         return layers.index(self.layer_idx), len(layers)
+    probe: Probe | None = None
+
+
+@dataclass
+class Probe:
+    """Tokens the engine ran through the cache right before a memory step and took out again, seen from one layer.
+
+    A policy that scores tokens by how the model reads them (KVzip: a "repeat the context" prompt followed by
+    the context itself) declares ``needs_probe`` and builds the tokens in :meth:`Policy.probe_ids`; the engine
+    runs them through the cache (they attend to every cached slot and, causally, to each other), the cache keeps
+    their queries and keys at each layer and removes them before the step. ``P`` probe tokens.
+
+    Attributes:
+        queries: ``(B, H_q, P, D)`` post-RoPE queries of the probe tokens.
+        keys: ``(B, H, P, D)`` their keys (no longer in the cache).
+        start: absolute position of the first token the probe covers; the chunk is ``start .. n_seen - 1``,
+            every token since the layer's previous memory step.
+        scaling: the layer's softmax scale.
+        softcap: the layer's attention logit soft-cap, or ``None``.
+    """
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    start: int
+    scaling: float
+    softcap: float | None = None
+
+
+def probe_max_attention(step: MemoryStep, over: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """Per slot, the most attention any probe query of any query head of its KV head gave it.
+
+    The softmax of each probe query is normalised over the slots in ``over`` plus the probe tokens themselves
+    (causally), as if the other slots were absent: KVzip normalises each chunk's reconstruction over the
+    sinks, the chunk and the reconstruction tokens only, so that chunks scored at different steps compare.
+    With ``over = step.valid`` it is the attention the model itself computed.
+
+    Args:
+        step: a memory step carrying a :class:`Probe`.
+        over: ``(B, H, T)`` bool, the cached slots the softmax runs over (a subset of ``step.valid``).
+        block: probe queries per block of logits (bounds the transient ``(B, H, G, block, T + P)`` tensor).
+
+    Returns:
+        ``(B, H, T)`` float32; 0 outside ``over``.
+    """
+    probe = step.probe
+    if probe is None:
+        raise NammError("This memory step carries no probe (the policy must set needs_probe and run in namm's engine).")
+    b, hq, p, d = probe.queries.shape
+    h = step.keys.shape[1]
+    g = hq // h
+    keys = torch.cat([step.keys, probe.keys], dim=2).float().transpose(-1, -2)  # (B, H, D, T + P)
+    t = step.keys.shape[2]
+    hidden = ~over  # (B, H, T)
+    causal = torch.ones(p, p, dtype=torch.bool, device=keys.device).tril_()
+    best = torch.zeros(b, h, t, dtype=torch.float32, device=keys.device)
+    queries = probe.queries.view(b, h, g, p, d)
+    for lo in range(0, p, block):
+        hi = min(p, lo + block)
+        logits = torch.matmul(queries[:, :, :, lo:hi].float() * probe.scaling, keys[:, :, None])  # (B, H, G, L, T+P)
+        if probe.softcap:
+            logits = torch.tanh(logits / probe.softcap) * probe.softcap
+        logits[..., :t].masked_fill_(hidden[:, :, None, None, :], float("-inf"))
+        logits[..., t:].masked_fill_(~causal[lo:hi], float("-inf"))
+        att = torch.softmax(logits, dim=-1)[..., :t]
+        best = torch.maximum(best, att.amax(dim=(2, 3)))
+    return best
 
 
 def attention_blocks(step: MemoryStep, bounds: list[int]) -> Iterator[torch.Tensor]:
@@ -116,6 +184,9 @@ class Policy:
     streams_attention: ClassVar[bool] = False
     #: False for policies that never evict: the engine may then prefill in one pass (no cadence to keep).
     evicts: ClassVar[bool] = True
+    #: True for policies that score tokens by running the model on extra tokens (KVzip): before each memory
+    #: step the engine runs :meth:`probe_ids` through the cache and the step carries a :class:`Probe`.
+    needs_probe: ClassVar[bool] = False
 
     def score(self, step: MemoryStep) -> torch.Tensor:
         """Return ``(B, H, T)`` float scores, higher = keep. Invalid slots are ignored."""
@@ -127,6 +198,16 @@ class Policy:
 
     def validate(self, context_tokens: int) -> None:
         """Raise :class:`NammError` if the policy cannot run on a context of ``context_tokens`` tokens."""
+
+    def probe_ids(self, tokenizer, chunk: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+        """The ``(1, P)`` token ids the engine runs through the cache before a memory step (``needs_probe`` only).
+
+        Args:
+            tokenizer: the model's tokenizer.
+            chunk: ``(1, C)`` ids of the tokens since the previous memory step (the ones the step scores).
+            before: ``(1, K)`` ids of the tokens just before the chunk (empty for the first chunk).
+        """
+        raise NotImplementedError(f"{type(self).__name__} sets needs_probe but does not define probe_ids.")
 
     def describe(self) -> str:
         return repr(self)
@@ -262,3 +343,5 @@ __all__ = [
     "protect",
     "recent_mask",
 ]
+__all__ = ["ALL_QUERIES", "BudgetPolicy", "BudgetSchedule", "MemoryStep", "Policy", "Probe", "probe_max_attention",
+           "protect", "recent_mask"]

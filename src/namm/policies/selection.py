@@ -47,3 +47,30 @@ def threshold_keep(
     if not per_layer:
         return keep
     return top_k_keep(s, valid, keep.sum(dim=-1).amax(dim=-1))
+
+
+def head_adaptive_keep(
+    scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, safeguard: float = 0.0
+) -> torch.Tensor:
+    """Keep ``k[b] * H`` slots in each row ``b`` of a layer, the highest-scored over all its heads together (AdaKV).
+
+    Heads with peaked scores give budget to heads with flat ones; with ``safeguard > 0`` every head first keeps
+    its ``floor(safeguard * k[b])`` best slots (AdaKV's ``alpha_safeguard``). The layer's total is exact: a head
+    never keeps more than its valid slots, and the row keeps ``min(k[b] * H, #valid)`` slots.
+
+    Args:
+        scores: ``(B, H, T)`` float scores, comparable across the heads of a layer.
+        valid: ``(B, H, T)`` bool; invalid slots are never kept.
+        k: ``(B,)`` int64 mean tokens per head.
+        safeguard: share of ``k`` every head keeps regardless of the other heads, in ``[0, 1]``.
+
+    Returns:
+        ``(B, H, T)`` bool keep mask.
+    """
+    b, h, t = scores.shape
+    s = scores.float()
+    if safeguard > 0:
+        guaranteed = top_k_keep(s, valid, torch.floor(k.double() * safeguard).long())
+        s = s.masked_fill(guaranteed, float("inf"))
+    flat = top_k_keep(s.reshape(b, 1, h * t), valid.reshape(b, 1, h * t), k * h)
+    return flat.view(b, h, t)

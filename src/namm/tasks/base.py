@@ -96,18 +96,6 @@ class Task(ABC):
     def score(self, prediction: str, sample: Sample) -> float:
         """Score one prediction (the generated text only) against a sample, in [0, 1]."""
 
-    def reference_continuation(self, sample: Sample) -> str:
-        """The gold answer as the text that should follow the prompt (for teacher-forced likelihoods).
-
-        Prompts end with the answer prefix and no trailing space, so the continuation starts with one.
-        Tasks whose metric needs every answer (RULER's ``string_match_all``) list them all, comma-separated.
-        """
-        if not sample.answers:
-            raise NammError(f"Sample {sample.id!r} of {self.name!r} has no reference answer.")
-        if self.metric_name == "string_match_all":
-            return " " + ", ".join(sample.answers)
-        return " " + sample.answers[0].strip()
-
     def mean_score(self, predictions: Sequence[str], samples: Sequence[Sample]) -> float:
         """Mean of :meth:`score` over paired predictions and samples (LongBench reports 100 x this)."""
         if len(predictions) != len(samples):

@@ -1,0 +1,262 @@
+"""The leaderboard of a suite run: tables with bootstrap intervals, a paired comparison, a Pareto plot.
+
+Per cell (policy x budget), over the samples it shares with Full:
+
+* **score vs Full**: mean over groups of the cell's mean task score over Full's, with a 95% bootstrap interval
+  resampling samples within groups (:func:`namm.stats.relative_score`); groups where Full scores 0 are left out;
+* **Δ answer NLL**: mean over groups of the cell's mean per-token NLL of the gold answer minus Full's (nats per
+  token; > 0 is worse), same bootstrap: a graded view that separates a near miss from a lost needle;
+* **cache**: mean over groups of the mean KV cache fraction; **time / peak KV x Full**: total seconds (prefill +
+  decoding, probes included) and mean peak KV bytes relative to Full on the same samples, in the same run;
+* **paired**: each cell against the best baseline at its budget: the difference of relative scores with its
+  interval, and per-sample wins / ties / losses.
+
+The page is written as a marked section (``<!-- bench-NAME:start -->`` ... ``end``) of a markdown file, so other
+sections (e.g. the kvpress check written by ``benchmarks/kvpress_check.py``) survive a re-render.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from namm.bench.run import group_keys, records_file
+from namm.bench.suite import Cell, Suite
+from namm.harness import read_records
+from namm.stats import Interval, Paired, mean_difference, paired_difference, relative_score
+
+
+@dataclass
+class Row:
+    """One cell's summary. Ratios are against Full on the same samples."""
+
+    cell: Cell
+    samples: int
+    relative: Interval
+    nll: Interval
+    cache: float
+    time: float
+    peak: float
+    probe_share: float
+    per_group: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Comparison:
+    cell: Cell
+    baseline: Cell
+    paired: Paired
+    samples: int
+
+
+def load_records(suite: Suite, out_dir: Path) -> dict[str, dict[str, dict[str, dict]]]:
+    """``records[cell label][group][sample id]`` for every record file of the suite that exists."""
+    out: dict[str, dict[str, dict[str, dict]]] = {}
+    for cell in suite.cells:
+        for group in group_keys(suite):
+            recs = read_records(records_file(out_dir, group, cell.label))
+            if recs:
+                out.setdefault(cell.label, {})[group] = {r["id"]: r for r in recs}
+    return out
+
+
+def _common(*tables: dict[str, dict] | None) -> list[str]:
+    if any(t is None for t in tables):
+        return []
+    ids = [i for i in tables[0] if all(i in t for t in tables[1:])]
+    return ids
+
+
+def summarise(suite: Suite, records: dict) -> tuple[list[Row], list[Comparison]]:
+    """Rows for every cell with records, and the paired comparisons against the best baseline per budget."""
+    boot = suite.bootstrap
+    full = records.get("full", {})
+    rows = []
+    for cell in suite.cells:
+        mine = records.get(cell.label, {})
+        pairs, nlls, caches, secs, full_secs, peaks, probes, per_group = [], [], [], [], [], [], [], {}
+        n = 0
+        for group, ref in full.items():
+            ids = _common(mine.get(group), ref)
+            if not ids:
+                continue
+            a, f = [mine[group][i] for i in ids], [ref[i] for i in ids]
+            n += len(ids)
+            pairs.append(np.array([[x["score"], y["score"]] for x, y in zip(a, f, strict=True)]))
+            nlls.append(np.array([[x["answer_nll"], y["answer_nll"]] for x, y in zip(a, f, strict=True)]))
+            caches.append(statistics.fmean(x["cache_fraction"] for x in a))
+            secs.append(sum(x["seconds"] for x in a))
+            full_secs.append(sum(y["seconds"] for y in f))
+            probes.append(sum(x.get("probe_seconds", 0.0) for x in a))
+            peaks.extend(x["peak_kv_bytes"] / max(y["peak_kv_bytes"], 1) for x, y in zip(a, f, strict=True))
+            full_mean = pairs[-1][:, 1].mean()
+            per_group[group] = pairs[-1][:, 0].mean() / full_mean if full_mean > 0 else float("nan")
+        if not n:
+            continue
+        rows.append(Row(
+            cell=cell, samples=n, relative=relative_score(pairs, **boot), nll=mean_difference(nlls, **boot),
+            cache=statistics.fmean(caches), time=sum(secs) / max(sum(full_secs), 1e-9),
+            peak=statistics.fmean(peaks), probe_share=sum(probes) / max(sum(secs), 1e-9), per_group=per_group,
+        ))
+    return rows, _comparisons(suite, records, rows)
+
+
+def _comparisons(suite: Suite, records: dict, rows: list[Row]) -> list[Comparison]:
+    by_budget: dict[str, list[Row]] = {}
+    for row in rows:
+        if row.cell.policy == "full":
+            continue
+        key = "= namm, per step" if row.cell.policy == "namm" else row.cell.budget_text
+        by_budget.setdefault(key, []).append(row)
+    out = []
+    full = records.get("full", {})
+    for group_rows in by_budget.values():
+        baselines = [r for r in group_rows if r.cell.policy in suite.baselines and not math.isnan(r.relative.estimate)]
+        if not baselines:
+            continue
+        best = max(baselines, key=lambda r: r.relative.estimate)
+        for row in group_rows:
+            if row is best:
+                continue
+            triples, n = [], 0
+            for group, ref in full.items():
+                a, b = records[row.cell.label].get(group), records[best.cell.label].get(group)
+                ids = _common(a, b, ref)
+                n += len(ids)
+                if ids:
+                    triples.append(np.array([[a[i]["score"], b[i]["score"], ref[i]["score"]] for i in ids]))
+            out.append(Comparison(row.cell, best.cell, paired_difference(triples, **suite.bootstrap), n))
+    return out
+
+
+def _fmt(x: float, spec: str = ".2f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _interval(iv: Interval, signed: bool = False) -> str:
+    if math.isnan(iv.estimate):
+        return "n/a"
+    spec = "+.2f" if signed else ".2f"
+    if math.isnan(iv.low):
+        return format(iv.estimate, spec)
+    return f"{iv.estimate:{spec}} [{iv.low:{spec}}, {iv.high:{spec}}]"
+
+
+def plot_pareto(rows: Sequence[Row], path: Path, title: str) -> None:
+    """Relative score (left) and Δ answer NLL (right) against mean cache fraction, one line per policy."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    by_policy: dict[str, list[Row]] = {}
+    for row in rows:
+        by_policy.setdefault(row.cell.policy, []).append(row)
+    for ax, what, label in ((axes[0], "relative", "score / Full (95% CI)"),
+                            (axes[1], "nll", "Δ answer NLL vs Full, nats/token (95% CI)")):
+        for policy, prs in by_policy.items():
+            prs = sorted((r for r in prs if not math.isnan(getattr(r, what).estimate)), key=lambda r: r.cache)
+            if not prs:
+                continue
+            ivs = [getattr(r, what) for r in prs]
+            est = np.array([iv.estimate for iv in ivs])
+            low = np.array([iv.low if not math.isnan(iv.low) else iv.estimate for iv in ivs])
+            high = np.array([iv.high if not math.isnan(iv.high) else iv.estimate for iv in ivs])
+            fmt = "*" if policy in ("full", "namm") else "o-"
+            ax.errorbar([r.cache for r in prs], est, yerr=[est - low, high - est], fmt=fmt, capsize=3,
+                        label=policy, markersize=9 if fmt == "*" else 5)
+        ax.set_xlabel("mean KV cache / full cache")
+        ax.set_ylabel(label)
+        ax.set_xlim(0, 1.05)
+        ax.grid(alpha=0.3)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8)
+    else:
+        axes[0].text(0.5, 0.5, "Full scores 0 everywhere: no ratio", ha="center", transform=axes[0].transAxes)
+    if axes[1].get_legend_handles_labels()[0]:
+        axes[1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_section(path: Path, name: str, lines: list[str], title: str = "# Leaderboard") -> None:
+    """Replace (or append) the section between ``<!-- name:start -->`` and ``<!-- name:end -->`` of ``path``."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = "\n".join([start, *lines, end])
+    text = path.read_text() if path.exists() else f"{title}\n\n"
+    if start in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def render(suite: Suite, out_dir: Path, page: Path | None = None, command: str | None = None) -> Path:
+    """Write the suite's leaderboard section into ``page`` (default ``OUT/leaderboard.md``) and its plot."""
+    page = page or out_dir / "leaderboard.md"
+    records = load_records(suite, out_dir)
+    rows, comparisons = summarise(suite, records)
+    image = page.parent / page.stem / f"{suite.name}-pareto.png"
+    groups = group_keys(suite)
+    expected = {g: 0 for g in groups}
+    for group, recs in records.get("full", {}).items():
+        expected[group] = len(recs)
+    model = next((r.get("setting", {}).get("model") for g in records.get("full", {}).values() for r in g.values()),
+                 suite.model)
+    level = int(round(suite.bootstrap["level"] * 100))
+    lines = [f"## Suite `{suite.name}`: {model}, {suite.mode} mode", ""]
+    if suite.description:
+        lines += [suite.description, ""]
+    lines += [
+        f"`{command or f'namm bench --suite {suite.name} --out {out_dir}'}`", "",
+        f"Memory step every {suite.delay} tokens (prefill chunks of {suite.chunk_size}, Full included); "
+        f"{len(groups)} groups (task x length x seed), {sum(expected.values())} samples with a Full record; "
+        f"{level}% bootstrap intervals from {suite.bootstrap['resamples']} resamples of samples within groups "
+        f"(seed {suite.bootstrap['seed']}). Score vs Full: mean over groups of the policy's mean score over Full's "
+        "(groups where Full scores 0 left out). Δ NLL: the gold answer's teacher-forced negative log-likelihood "
+        "per token minus Full's (nats; > 0 is worse). Time and peak KV are ratios to Full in the same run.", "",
+        f"| policy | budget | score vs Full ({level}% CI) | Δ answer NLL ({level}% CI) | mean cache | time x Full "
+        "| probe share | peak KV x Full | samples |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r.cell.policy} | {r.cell.budget_text} | {_interval(r.relative)} | "
+                     f"{_interval(r.nll, signed=True)} | {r.cache:.0%} | {r.time:.2f} | "
+                     f"{_fmt(r.probe_share, '.0%') if r.probe_share else '-'} | {r.peak:.2f} | {r.samples} |")
+    if comparisons:
+        lines += ["", f"Paired against the best baseline ({', '.join(suite.baselines)}) at the same budget: the "
+                  "difference of scores relative to Full on the same samples (an interval that excludes 0 is a real "
+                  "difference at this level), and per-sample wins / ties / losses.", "",
+                  f"| policy | budget | best baseline | difference ({level}% CI) | wins | ties | losses | samples |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for c in comparisons:
+            bold = "**" if c.paired.difference.excludes(0.0) else ""
+            lines.append(f"| {c.cell.policy} | {c.cell.budget_text} | {c.baseline.label} | "
+                         f"{bold}{_interval(c.paired.difference, signed=True)}{bold} | "
+                         f"{c.paired.wins} | {c.paired.ties} | {c.paired.losses} | {c.samples} |")
+    lines += ["", "Per group: Full's mean score (x100), the others' relative to it.", "",
+              "| policy | budget | " + " | ".join(groups) + " |", "|---" * (len(groups) + 2) + "|"]
+    full_rows = records.get("full", {})
+    for r in rows:
+        if r.cell.policy == "full":
+            cells = [_fmt(100 * statistics.fmean(x["score"] for x in full_rows[g].values()), ".1f")
+                     if g in full_rows else "" for g in groups]
+        else:
+            cells = [_fmt(r.per_group[g]) if g in r.per_group else "" for g in groups]
+        lines.append(f"| {r.cell.policy} | {r.cell.budget_text} | " + " | ".join(cells) + " |")
+    if rows:
+        plot_pareto(rows, image, f"{suite.name}: {model}, {suite.mode} mode")
+        lines += ["", f"![{suite.name} Pareto plot]({image.relative_to(page.parent).as_posix()})"]
+    write_section(page, f"bench-{suite.name}", lines)
+    return page

@@ -1,0 +1,29 @@
+"""What ``namm bench`` does: load the suite and the model, run (or resume) the suite, render the leaderboard."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from namm.bench.leaderboard import render
+from namm.bench.run import run_suite
+from namm.bench.suite import load_suite
+
+
+def main(suite: str, out: Path, *, model: str | None = None, page: Path | None = None, render_only: bool = False,
+         progress: bool = True) -> tuple[Path, int]:
+    """Run ``suite`` (a YAML path or a shipped name) into ``out`` and write its leaderboard to ``page``.
+
+    Returns:
+        The leaderboard page and the number of samples computed by this call (0 with ``render_only``).
+    """
+    spec = load_suite(suite)
+    computed = 0
+    if not render_only:
+        import namm  # noqa: PLC0415
+
+        mdl, tok = namm.load_model(model or spec.model)
+        computed = run_suite(spec, out, mdl, tok, progress=progress)
+    command = "namm bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None
+    return render(spec, out, page, command=command), computed

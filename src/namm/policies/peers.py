@@ -1,0 +1,176 @@
+"""The strongest question-agnostic peers: TOVA, AdaKV, PyramidKV and KVzip, each one scoring method.
+
+As the classic policies they keep, at every memory step, ``budget`` tokens per KV head on average; AdaKV and
+KVzip share a layer's budget between its heads by score (:func:`~namm.policies.selection.head_adaptive_keep`),
+which in namm's per-head cache is a real saving (kvpress masks the evicted keys of a full cache instead), and
+PyramidKV shares the model's budget between layers. KVzip scores tokens by running the model: it declares
+``needs_probe`` and the engine runs its reconstruction prompt through the cache before each memory step
+(see :class:`~namm.policies.base.Probe`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from namm.errors import NammError
+from namm.policies.base import BudgetPolicy, MemoryStep, probe_max_attention, protect, recent_mask
+from namm.policies.classic import SnapKV
+from namm.policies.selection import head_adaptive_keep, top_k_keep
+
+
+def _first_real(step: MemoryStep) -> torch.Tensor:
+    """``(B, 1, 1)`` absolute position of each row's first real token (left padding comes first)."""
+    return (step.n_seen - step.n_real).view(-1, 1, 1)
+
+
+@dataclass
+class TOVA(BudgetPolicy):
+    """Attention from the newest query, averaged over the layer's heads (Oren et al., 2024, arXiv 2401.06104).
+
+    Every head of a layer keeps the same tokens (one ranking per layer, as in the paper and kvpress); the
+    newest token is always kept. The paper evicts one token per decoding step; here it runs at memory steps.
+    """
+
+    name = "tova"
+    query_window = 1
+
+    def score(self, step: MemoryStep) -> torch.Tensor:
+        att = step.attention[:, :, -1]  # (B, H, T): the newest query, averaged over its group's query heads
+        b, h, t = att.shape
+        # Average by absolute position, so the rule holds whatever each head's slot layout is.
+        pos = step.positions.clamp(min=0).reshape(b, h * t)
+        per_position = torch.zeros(b, step.n_seen, dtype=torch.float32, device=att.device)
+        per_position.scatter_add_(1, pos, (att * step.valid).reshape(b, h * t))
+        scores = per_position.gather(1, pos).view(b, h, t) / h
+        return protect(scores, recent_mask(step, 1))
+
+
+@dataclass
+class AdaKV(SnapKV):
+    """SnapKV scores, with each layer's budget shared between its heads by score (Feng et al., 2024, arXiv 2407.11550).
+
+    A layer keeps ``budget x H`` tokens in all: its highest SnapKV scores over every head together, after each head
+    has kept its ``floor(safeguard x budget)`` best (kvpress's ``alpha_safeguard``). Heads then hold different
+    numbers of tokens; namm's cache stores them compacted per head (the layer's storage is padded to its longest
+    head, reported as ``padding_fraction``).
+
+    Args:
+        budget, window, kernel: as :class:`~namm.policies.classic.SnapKV`.
+        safeguard: share of the per-head budget every head keeps whatever the other heads score.
+    """
+
+    name = "adakv"
+    safeguard: float = 0.2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.safeguard <= 1.0:
+            raise NammError(f"AdaKV: safeguard must be in [0, 1], got {self.safeguard}.")
+
+    def keep(self, step: MemoryStep, scores: torch.Tensor) -> torch.Tensor:
+        return head_adaptive_keep(scores, step.valid, self.budget_tokens(step), self.safeguard)
+
+
+@dataclass
+class PyramidKV(SnapKV):
+    """SnapKV scores with per-layer budgets falling linearly with depth (Cai et al., 2024, arXiv 2406.02069).
+
+    With ``k`` the uniform per-head budget, the first layer keeps ``2k - m`` and the last ``m = max(k / beta,
+    window)`` tokens per head (kvpress's rule; kvpress falls back to uniform budgets when ``k / beta`` is below
+    the window, here the floor is the window instead); the mean over layers is ``k`` up to rounding. When the
+    first layer's share would exceed the tokens seen it is capped there and the last layer gets the rest. The line
+    runs over all decoder layers; in a model with sliding-window layers (Gemma 3) only the full-attention ones are
+    managed, so their mean is near, not at, ``k``.
+
+    Args:
+        budget, window, kernel: as :class:`~namm.policies.classic.SnapKV` (``budget`` is the mean over layers).
+        beta: steepness: the last layer keeps ``k / beta`` (at least ``window``).
+    """
+
+    name = "pyramidkv"
+    beta: float = 20.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta < 1:
+            raise NammError(f"PyramidKV: beta must be >= 1, got {self.beta}.")
+
+    def budget_tokens(self, step: MemoryStep) -> torch.Tensor:
+        k = super().budget_tokens(step).double()
+        if step.num_layers < 2:
+            return k.long()
+        n = step.n_real.double()
+        low = torch.clamp(k / self.beta, min=float(self.window))
+        high = 2 * k - low
+        over = high > n
+        high = torch.where(over, n, high)
+        low = torch.where(over, 2 * k - n, low)
+        flat = low > high  # budget below the window: uniform
+        low, high = torch.where(flat, k, low), torch.where(flat, k, high)
+        budget = high - step.layer_idx * (high - low) / (step.num_layers - 1)
+        return torch.round(budget).long().clamp(min=1)
+
+
+@dataclass
+class KVzip(BudgetPolicy):
+    """A token's score is the most attention it receives while the model repeats the context (Kim et al., 2025,
+    arXiv 2505.23416); question-agnostic.
+
+    Before each memory step the engine runs ``prompt`` + the tokens since the previous step (the chunk)
+    through the cache, teacher-forced, and takes those tokens out again; each chunk token's score is the
+    maximum, over the reconstruction queries and the query heads of its KV head, of their softmax attention,
+    normalised over the sinks, the chunk and the reconstruction tokens (the authors' and kvpress's rule, so
+    that chunks scored at different steps compare). Scores of earlier chunks are kept as per-token state.
+    After the first chunk the prompt is ``continuation`` followed by the last ``overlap`` tokens before the
+    chunk, as in kvpress. The first ``sinks`` tokens are always kept. This costs one extra forward pass over
+    the context (reported as ``probe_seconds``).
+
+    Args:
+        budget: tokens (or fraction) kept per head, on average over the layer's heads.
+        sinks: first real tokens always kept (and part of every chunk's normalisation).
+        per_head: False (default): each layer keeps ``budget x H`` tokens, its best scores over all heads
+            (kvpress's ``layerwise=True``; kvpress's default threshold over all layers at once needs every
+            layer's scores before any eviction). True: ``budget`` per head (the authors' "uniform" level).
+        prompt / continuation: the reconstruction instructions; ``suffix`` follows them (a chat template's
+            assistant header in kvpress; prompts here are raw text, as kvpress for a model without a template).
+        overlap: tokens of the previous chunk quoted after ``continuation``.
+    """
+
+    name = "kvzip"
+    needs_probe = True
+    sinks: int = 4
+    per_head: bool = False
+    prompt: str = "\n\nRepeat the previous context exactly."
+    continuation: str = "\n\nRepeat the part of the previous context exactly, starting with"
+    suffix: str = "\n"
+    overlap: int = 8
+
+    def probe_ids(self, tokenizer, chunk: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+        def encode(text: str) -> torch.Tensor:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+            return torch.tensor([ids], dtype=torch.long, device=chunk.device)
+
+        if before.shape[1] == 0:
+            head = encode(self.prompt)
+        else:
+            head = torch.cat([encode(self.continuation), before[:, -self.overlap:]], dim=1)
+        return torch.cat([head, encode(self.suffix), chunk], dim=1)
+
+    def score(self, step: MemoryStep) -> torch.Tensor:
+        if step.probe is None:
+            raise NammError("KVzip scores tokens by running the model: use namm.generate (or namm's engine), not a "
+                            "bare MemoryCache inside model.generate.")
+        is_sink = step.valid & (step.positions - _first_real(step) < self.sinks)
+        chunk = step.valid & (step.positions >= step.probe.start)
+        fresh = probe_max_attention(step, chunk | is_sink)
+        old = step.state.get("kvzip", torch.zeros_like(fresh))
+        scores = torch.where(chunk, fresh, old)
+        step.state["kvzip"] = scores
+        return protect(scores, is_sink)
+
+    def keep(self, step: MemoryStep, scores: torch.Tensor) -> torch.Tensor:
+        if self.per_head:
+            return top_k_keep(scores, step.valid, self.budget_tokens(step))
+        return head_adaptive_keep(scores, step.valid, self.budget_tokens(step))

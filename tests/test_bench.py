@@ -1,0 +1,291 @@
+"""``namm bench``: suites, resumable records, the statistics and the leaderboard (tiny model, fast)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+import namm
+from conftest import random_prompt, tiny_model, word_tokenizer
+from namm.bench import load_suite, render, summarise
+from namm.bench.leaderboard import load_records
+from namm.bench.run import group_keys, records_file
+from namm.cli import app
+from namm.errors import NammError
+from namm.policies import Full, SnapKV
+from namm.scoring import answer_nll, gold_answer, sample_answer_nll
+from namm.stats import mean_difference, paired_difference, relative_score
+from namm.tasks import Sample, get_task
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model's ops are too small to share: one thread runs the quick suite ~10x faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_model("llama")
+    model.config._attn_implementation = "sdpa"
+    model.save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# --- statistics ------------------------------------------------------------------------------------------------
+
+
+def test_full_against_itself_is_exactly_one_with_interval_one():
+    rng = np.random.default_rng(1)
+    groups = [rng.integers(0, 2, size=n).astype(float) for n in (32, 16, 9)]
+    groups[2][:] = 0.0  # a group where Full scores 0 is left out, not a division by zero
+    iv = relative_score([np.stack([g, g], axis=1) for g in groups], resamples=500)
+    assert (iv.estimate, iv.low, iv.high) == (1.0, 1.0, 1.0)
+    nll = mean_difference([np.stack([g, g], axis=1) for g in groups], resamples=500)
+    assert (nll.estimate, nll.low, nll.high) == (0.0, 0.0, 0.0)
+
+
+def test_relative_score_is_the_mean_of_group_ratios_with_an_interval_around_it():
+    a = np.array([[1, 1], [0, 1], [1, 1], [0, 1]], dtype=float)  # 0.5 of Full
+    b = np.array([[0.2, 0.4], [0.2, 0.4]])  # 0.5 of Full, no spread
+    c = np.array([[1.0, 0.5], [0.0, 0.5]])  # 1.0
+    iv = relative_score([a, b, c], resamples=2000, seed=3)
+    assert iv.estimate == pytest.approx((0.5 + 0.5 + 1.0) / 3)
+    assert iv.low < iv.estimate < iv.high
+    assert relative_score([a, b, c], resamples=2000, seed=3) == iv  # seeded
+    assert not iv.excludes(0.7) and iv.excludes(1.5)
+    assert np.isnan(relative_score([np.zeros((4, 2))]).estimate)  # Full scores 0 everywhere: undefined
+
+
+def test_paired_difference_counts_and_interval():
+    rng = np.random.default_rng(0)
+    full = np.ones(60)
+    a = (rng.random(60) < 0.9).astype(float)
+    b = (rng.random(60) < 0.3).astype(float)
+    p = paired_difference([np.stack([a, b, full], axis=1)], resamples=2000)
+    assert p.wins == int((a > b).sum()) and p.losses == int((a < b).sum()) and p.ties == int((a == b).sum())
+    assert p.difference.estimate == pytest.approx(a.mean() - b.mean())
+    assert p.difference.excludes(0.0)  # 0.9 against 0.3 on 60 samples is a real difference
+    same = paired_difference([np.stack([a, a, full], axis=1)], resamples=500)
+    assert (same.difference.low, same.difference.high, same.wins, same.losses) == (0.0, 0.0, 0, 0)
+
+
+# --- suites ----------------------------------------------------------------------------------------------------
+
+
+def test_shipped_suites_load_and_hold_what_they_promise():
+    quick, standard = load_suite("quick"), load_suite("standard")
+    assert quick.cells[0].label == "full" and quick.cells[1].label == "namm"  # the NAMM before matched cells
+    labels = {c.label for c in quick.cells}
+    assert {"kvzip@0.5", "adakv@0.25", "tova@0.5", "pyramidkv@0.5", "snapkv@namm-steps"} <= labels
+    sizes = {(t.task, t.lengths): t.samples for t in standard.tasks}
+    for task in ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"):
+        assert sizes[(task, (2048,))] >= 32
+    assert sizes[("passkey", (4096,))] >= 16 and sizes[("niah_single", (4096,))] >= 16
+    longbench = [t for t in standard.tasks if t.samples is None]
+    assert len(longbench) == 8
+    assert all(s not in (0, 1000, 2000, 3000, 4242) for t in standard.tasks for s in t.seeds)
+    assert {c.budget for c in standard.cells if c.budget is not None} == {0.25, 0.5}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"colour": "red"}, "unknown key"),
+    ({"mode": "agnostic"}, "mode must be one of"),
+    ({"policies": [{"name": "lru"}]}, "unknown policy 'lru'"),
+    ({"policies": [{"name": "h2o", "budgets": [1.5]}]}, "fractional budget"),
+    ({"policies": [{"name": "h2o", "budgets": ["namm"]}]}, "no namm policy"),
+    ({"tasks": [{"task": "passkey", "samples": 0}]}, "samples must be"),
+    ({"delay": 100, "chunk_size": 30}, "divisor"),
+])
+def test_bad_suites_are_one_line_errors(tmp_path, change, message):
+    data = {"tasks": [{"task": "passkey", "lengths": [64], "samples": 2}], "policies": ["full", "h2o"]} | change
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(NammError, match=message) as err:
+        load_suite(path)
+    assert "\n" not in str(err.value)
+    with pytest.raises(NammError, match="no shipped suite"):
+        load_suite("no-such-suite")
+
+
+# --- answer scoring --------------------------------------------------------------------------------------------
+
+
+def test_gold_answer_and_answer_nll(llama, tokenizer):
+    niah = get_task("niah_multivalue")
+    s = Sample("x", "niah_multivalue", "ctx q: the values are", ["1", "2"], 8)
+    assert gold_answer(s, niah) == " 1, 2" and gold_answer(s, get_task("passkey")) == " 1"
+    assert gold_answer(Sample("y", "lcc", "code:\n", ["x = 1"], 8)) == "x = 1"
+    prompt = random_prompt(50, seed=3)
+    full = answer_nll(llama, tokenizer, prompt, " w4 w5 w6", Full(), delay=16)
+    again = namm.generate(llama, tokenizer, prompt, Full(), max_new_tokens=0, delay=16, answer=" w4 w5 w6")
+    assert full == again.answer and full.tokens == 3 and full.mean_nll > 0
+    sample = Sample("z", "echo", prompt + " w9", ["w4 w5 w6"], 2, context=prompt, question=" w9")
+    qa = sample_answer_nll(llama, tokenizer, get_task("passkey"), sample, SnapKV(budget=8, window=4), delay=16,
+                           question_agnostic=True)
+    assert qa.tokens == 2  # capped at the sample's generation budget
+
+
+# --- the command -----------------------------------------------------------------------------------------------
+
+
+def _expected_groups(suite):
+    return {g: [f"{g.split('-')[0]}-s7000-{i}" for i in range(4)] for g in group_keys(suite)}
+
+
+def test_quick_suite_runs_end_to_end_and_resumes(model_dir, tmp_path):
+    out = tmp_path / "bench"
+    res = CliRunner().invoke(app, ["bench", "--suite", "quick", "--model", str(model_dir), "--out", str(out),
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    suite = load_suite("quick")
+    for cell in suite.cells:
+        for group, ids in _expected_groups(suite).items():
+            recs = _lines(records_file(out, group, cell.label))
+            assert [r["id"] for r in recs] == ids, (cell.label, group)
+            for r in recs:
+                assert {"score", "answer_logprob", "answer_nll", "answer_tokens", "cache_fraction", "seconds",
+                        "setting"} <= set(r)
+                assert r["answer_tokens"] >= 1 and r["answer_logprob"] < 0 and r["setting"]["group"] == group
+                if cell.policy == "kvzip":
+                    assert r["probe_seconds"] > 0
+                if cell.budget == 0.25:
+                    assert r["cache_fraction"] < 0.5
+    page = (out / "leaderboard.md").read_text()
+    for cell in suite.cells:
+        assert f"| {cell.policy} | {cell.budget_text} |" in page
+    assert "| full | 100% | n/a | +0.00 [+0.00, +0.00] | 100% | 1.00 | - | 1.00 | 8 |" in page
+    assert (out / "leaderboard" / "quick-pareto.png").stat().st_size > 5000
+    # a second run computes nothing; a run with another setting is refused without touching the records
+    before = {p: p.read_bytes() for p in (out / "records").iterdir()}
+    res = CliRunner().invoke(app, ["bench", "--suite", "quick", "--model", str(model_dir), "--out", str(out),
+                                   "--no-progress"])
+    assert res.exit_code == 0 and "0 samples computed" in res.output
+    changed = yaml.safe_load(load_suite("quick").path.read_text()) | {"delay": 64, "chunk_size": 64}
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(changed))
+    res = CliRunner().invoke(app, ["bench", "--suite", str(other), "--model", str(model_dir), "--out", str(out),
+                                   "--no-progress"])
+    assert res.exit_code == 2 and "another setting" in res.output and "delay 128 -> 64" in res.output
+    assert {p: p.read_bytes() for p in (out / "records").iterdir()} == before
+
+
+def test_a_run_killed_with_sigkill_resumes_without_losing_or_duplicating(model_dir, tmp_path):
+    suite = tmp_path / "long.yaml"
+    suite.write_text(yaml.safe_dump({
+        "name": "long", "delay": 64, "seeds": [7000],
+        "tasks": [{"task": "passkey", "lengths": [256], "samples": 60}],
+        "policies": ["full", {"name": "snapkv", "budgets": [0.5]}, {"name": "kvzip", "budgets": [0.5]}],
+    }))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "namm.cli", "bench", "--suite", str(suite), "--model", str(model_dir),
+           "--out", str(out), "--no-progress"]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = records_file(out, "passkey-256-s7000", "full")
+    deadline = time.time() + 120
+    while time.time() < deadline and (not first.exists() or first.read_bytes().count(b"\n") < 5):
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = sum(p.read_bytes().count(b"\n") for p in (out / "records").iterdir())
+    assert 5 <= partial < 180
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = [f"passkey-s7000-{i}" for i in range(60)]
+    for label in ("full", "snapkv@0.5", "kvzip@0.5"):
+        recs = _lines(records_file(out, "passkey-256-s7000", label))  # every line parses: no torn record left
+        assert [r["id"] for r in recs] == expected, label
+    assert f"{180 - partial} samples computed" in done.stderr  # exactly the missing ones
+
+
+def test_leaderboard_statistics_from_known_records(tmp_path):
+    """The leaderboard's numbers on hand-made records: relative scores, the best baseline, the paired table."""
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "toy", "baselines": ["streaming", "snapkv"],
+        "tasks": [{"task": "passkey", "lengths": [64], "samples": 20}, {"task": "niah_single", "lengths": [64],
+                                                                           "samples": 20}],
+        "policies": ["full", {"name": "streaming", "budgets": [0.5]}, {"name": "snapkv", "budgets": [0.5]},
+                     {"name": "kvzip", "budgets": [0.5]}],
+    }))
+    suite = load_suite(path)
+    rng = np.random.default_rng(0)
+    rates = {"full": 1.0, "streaming@0.5": 0.5, "snapkv@0.5": 0.7, "kvzip@0.5": 0.95}
+    for group in group_keys(suite):
+        for label, rate in rates.items():
+            file = records_file(tmp_path, group, label)
+            file.parent.mkdir(parents=True, exist_ok=True)
+            hits = rng.random(20) < rate if label != "full" else np.ones(20, dtype=bool)
+            kvzip = label == "kvzip@0.5"
+            file.write_text("".join(json.dumps({
+                "id": str(i), "score": float(h), "answer_nll": 1.0 + (1 - rate),
+                "cache_fraction": 1.0 if label == "full" else 0.5, "seconds": 2.0 if kvzip else 1.0,
+                "peak_kv_bytes": 100, "probe_seconds": 0.5 if kvzip else 0.0}) + "\n" for i, h in enumerate(hits)))
+    rows, comparisons = summarise(suite, load_records(suite, tmp_path))
+    by = {r.cell.label: r for r in rows}
+    assert (by["full"].relative.low, by["full"].relative.high) == (1.0, 1.0)
+    rel = {label: r.relative.estimate for label, r in by.items()}
+    assert rel["kvzip@0.5"] > rel["snapkv@0.5"] > rel["streaming@0.5"]
+    assert by["kvzip@0.5"].time == 2.0 and by["kvzip@0.5"].probe_share == 0.25 and by["snapkv@0.5"].cache == 0.5
+    assert by["kvzip@0.5"].nll.estimate == pytest.approx(0.05) and by["kvzip@0.5"].samples == 40
+    paired = {c.cell.label: c for c in comparisons}
+    assert set(paired) == {"kvzip@0.5", "streaming@0.5"} and paired["kvzip@0.5"].baseline.label == "snapkv@0.5"
+    kv = paired["kvzip@0.5"]
+    assert kv.paired.wins + kv.paired.ties + kv.paired.losses == 40 and kv.paired.wins > kv.paired.losses
+    assert kv.samples == 40
+    assert kv.paired.difference.estimate == pytest.approx(
+        by["kvzip@0.5"].relative.estimate - by["snapkv@0.5"].relative.estimate)
+    page = render(suite, tmp_path, tmp_path / "docs" / "leaderboard.md")
+    text = page.read_text()
+    assert "| kvzip | 50% | snapkv@0.5 |" in text and "![toy Pareto plot](leaderboard/toy-pareto.png)" in text
+    # re-rendering replaces the section and keeps the rest of the page
+    page.write_text(text + "\n<!-- kvpress-check:start -->\nkept\n<!-- kvpress-check:end -->\n")
+    render(suite, tmp_path, page)
+    again = page.read_text()
+    assert again.count("bench-toy:start") == 1 and "kept" in again
+
+
+def test_question_agnostic_suite_compresses_once_after_the_context(llama, tokenizer, tmp_path):
+    from namm.bench import run_suite
+
+    path = tmp_path / "qa.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "qa", "mode": "question-agnostic", "delay": 512, "chunk_size": 128,
+        "tasks": [{"task": "passkey", "lengths": [256], "samples": 2}],
+        "policies": ["full", {"name": "kvzip", "budgets": [0.5]}, {"name": "snapkv", "budgets": [64]}],
+    }))
+    suite = load_suite(path)
+    assert run_suite(suite, tmp_path, llama, tokenizer, progress=False) == 6
+    samples = get_task("passkey").samples(2, seed=7000, length=256, tokenizer=tokenizer)
+    for label in ("kvzip@0.5", "snapkv@64"):
+        for rec, sample in zip(_lines(records_file(tmp_path, "passkey-256-s7000", label)), samples, strict=True):
+            context = len(tokenizer(sample.context)["input_ids"])
+            assert rec["setting"]["question_agnostic"] is True
+            assert [n for n, _ in rec["kept_per_step"]] == [context]  # one step, at the end of the context
+            assert rec["mean_kept_tokens"] == pytest.approx(context / 2 if label == "kvzip@0.5" else 64, abs=1)
+    res = CliRunner().invoke(app, ["bench", "--suite", "no-such-suite", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "no shipped suite" in res.output and "Traceback" not in res.output
