@@ -4,7 +4,7 @@
 multiples of ``chunk_size`` (so that memory steps, every ``delay`` tokens, land exactly on chunk
 ends, as in the reference), then decodes one token at a time until ``max_new_tokens`` or EOS. The
 policy runs inside the cache (:class:`namm.cache.MemoryCache`), so the same cache also works with
-``model.generate(..., past_key_values=cache)``.
+``model.generate(..., cache=cache)`` (``past_key_values=cache`` before transformers renamed it).
 
 Batches of several prompts are left-padded; padding tokens are never attended to, never counted in
 budgets and are evicted at the first memory step.
@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from namm.cache import MemoryCache, clear_pending
+from namm.cache import MemoryCache, cache_argument, clear_pending
 from namm.errors import NammError
 from namm.policies.base import Policy
 
@@ -183,6 +183,8 @@ def generate(
         policy: the eviction policy, e.g. ``namm.policies.H2O(budget=256)``.
         max_new_tokens: generation length cap (EOS stops a row earlier).
         delay: a memory step runs every ``delay`` tokens, counted by absolute position (prefill and decoding).
+            When the prompt ends between two of these steps and a policy's budget is exceeded, one more step
+            runs at the end of the prompt (:meth:`MemoryCache.end_prompt`), so the budget holds before decoding.
         chunk_size: prefill chunk length; chunks end on absolute multiples of it. Must divide ``delay``.
             Defaults to ``delay``, or to the whole prompt for a policy that never evicts (``Full``).
         do_sample, temperature, top_p, seed: sampling (greedy by default).
@@ -198,8 +200,10 @@ def generate(
         A :class:`GenerationResult` with the text, the generated ids and :class:`GenerationStats`.
     """
     one_pass = chunk_size is None and not policy.evicts and policy.query_window is None
-    chunk_size = chunk_size or delay
-    if chunk_size < 1 or delay % chunk_size:
+    chunk_size = delay if chunk_size is None else chunk_size
+    if not isinstance(delay, int) or isinstance(delay, bool) or delay < 1:
+        raise NammError(f"delay must be a positive number of tokens, got {delay!r}.")
+    if not isinstance(chunk_size, int) or chunk_size < 1 or delay % chunk_size:
         raise NammError(f"chunk_size ({chunk_size}) must be a positive divisor of delay ({delay}).")
     if max_new_tokens < 0:
         raise NammError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
@@ -227,6 +231,8 @@ def generate(
     input_ids, mask = input_ids.to(device), mask.to(device)
     padded = not bool(mask.all())
     cache = MemoryCache(model, policy, delay=delay)
+    cache.auto_end_prompt = False  # the prompt ends where the prefill below ends
+    cache_kw = cache_argument(model)
     meter = _Meter(cache)
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
@@ -237,7 +243,8 @@ def generate(
             kwargs["attention_mask"] = full_mask[:, :end]
             kwargs["position_ids"] = (full_mask[:, :end].cumsum(-1) - 1).clamp(min=0)[:, start:end]
         clear_pending()
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+        kwargs[cache_kw] = cache
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
         if record:
             meter.record(ids.shape[1], end)
         return out.logits[:, -1]
@@ -269,6 +276,8 @@ def generate(
         start = end
         if question is not None and start == context_len:
             cache.compress_now()
+    if question is None:  # question-agnostic mode compressed the context; the question stays whole
+        cache.end_prompt()
     prefill_seconds = time.perf_counter() - t0
 
     eos = set() if ignore_eos else _eos_ids(model, tokenizer)

@@ -24,6 +24,7 @@ from namm.errors import NammError
 from namm.memory.bam import bam_scores, param_count
 from namm.memory.config import NAMMConfig
 from namm.memory.features import CARRY_KEY, EMA_KEY, FeatureNormaliser, newest_position, step_features
+from namm.policies import register_policy
 from namm.policies.base import ALL_QUERIES, MemoryStep, Policy
 from namm.policies.selection import threshold_keep
 
@@ -220,6 +221,9 @@ class NAMM(Policy):
         except NammError as e:
             raise NammError(f"{weights_file}: {e}") from e
         return policy
+
+
+register_policy(NAMM)
 
 
 def _resolve(name_or_dir: str | Path) -> Path:
