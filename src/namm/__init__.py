@@ -64,5 +64,6 @@ __all__ = [
     "load_model",
     "make_policy",
     "policies",
+    "register_policy",
 ]
 __version__ = "0.1.0"
