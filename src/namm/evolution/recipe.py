@@ -206,7 +206,7 @@ def check_recipe(recipe: Recipe) -> None:
         except (NammError, TypeError, ValueError) as e:
             raise NammError(f"recipe field '{where}': {e}") from None
     try:
-        NAMMConfig.from_dict({**NAMMConfig().to_dict(), **recipe.policy})
+        NAMMConfig.from_dict({**NAMMConfig().to_dict(), "delay": recipe.delay, **recipe.policy})
     except (NammError, TypeError, ValueError) as e:
         raise NammError(f"recipe field 'policy': {e}") from None
 
