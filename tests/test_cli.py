@@ -293,3 +293,17 @@ def test_help_is_instant_wide_and_lists_the_tasks(tmp_path):
     assert heavy == [] and code == 2, res.stderr
     assert "passage_retrieval_en" in eval_help and "…" not in eval_help  # every task listed, nothing cut off
     assert "--no-no-truncate" not in eval_help and "--no-truncate" in eval_help
+
+
+def test_compare_table_reads_cleanly(model_dir, tmp_path):
+    args = ["compare", "--model", str(model_dir), "--task", "passkey", "--policies", "full,h2o", "--budget",
+            "25%,0.25,16", "--samples", "1", "--max-length", "96", "--delay", "32", "--out", str(tmp_path)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "1 sample" in res.stdout and "1 samples" not in res.stdout and "nan" not in res.stdout
+    rows = [line for line in res.stdout.splitlines() if line.startswith("│")]
+    assert [row.split("│")[2].strip() for row in rows] == ["100%", "25%", "16 tokens"]  # one budget style
+    saved = json.loads((tmp_path / "passkey__results.json").read_text())
+    assert [r["label"] for r in saved["results"]] == ["full", "h2o@0.25", "h2o@16"]
+    again = CliRunner().invoke(app, args)
+    assert again.stderr.count("1 of 1 sample already recorded, reused") == 3

@@ -274,7 +274,8 @@ def _summary_table(title: str, rows: list[dict], relative: bool = True) -> Table
     for col in columns:
         table.add_column(col, justify="left" if col in ("policy", "budget") else "right", no_wrap=col == "policy")
     for r in rows:
-        cells = [r["policy"], r["budget"], f"{r['score']:.1f}", f"{r['relative']:.2f}", f"{r['mean_kv_tokens']:.0f}",
+        ratio = "-" if math.isnan(r["relative"]) else f"{r['relative']:.2f}"  # nan: full scored 0
+        cells = [r["policy"], r["budget"], f"{r['score']:.1f}", ratio, f"{r['mean_kv_tokens']:.0f}",
                  f"{r['cache_fraction']:.0%}", str(r["peak_kv_tokens"]), f"{r['seconds']:.1f}"]
         if not relative:
             del cells[3]

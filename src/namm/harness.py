@@ -26,7 +26,7 @@ from namm import jsonl
 from namm.engine import generate
 from namm.errors import NammError
 from namm.policies import BudgetSchedule, Full, Policy, make_policy
-from namm.tasks import Sample, Task
+from namm.tasks import Sample, Task, count_tokens
 
 
 def progress_bar(disable: bool = False) -> Progress:
@@ -261,7 +261,7 @@ def compare(
     names, budgets = check_compare(policies, budgets, match_budget, namm_policy)
     if match_budget is None:  # a token budget above a sample's context is refused before anything runs
         for sample in samples:
-            n = len(tokenizer(sample.prompt)["input_ids"]) + sample.max_new_tokens
+            n = count_tokens(tokenizer, sample.prompt) + sample.max_new_tokens
             for name in names:
                 if name not in ("full", "namm"):
                     for budget in budgets:
