@@ -5,6 +5,8 @@ Real bundled models are only used by tests marked ``integration``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -93,6 +95,20 @@ def llama():
 def random_prompt(n: int, seed: int = 0) -> str:
     g = torch.Generator().manual_seed(seed)
     return " ".join(f"w{int(i)}" for i in torch.randint(3, VOCAB, (n,), generator=g))
+
+
+def unwritable_dir(tmp_path: Path) -> Path:
+    """A directory no file can be written into: a read-only folder, or (as root, who ignores modes) /sys."""
+    ro = tmp_path / "read-only"
+    ro.mkdir()
+    ro.chmod(0o555)
+    for candidate in (ro, Path("/sys"), Path("/proc")):
+        try:
+            (candidate / ".namm-probe").write_text("")
+        except OSError:
+            return candidate
+        (candidate / ".namm-probe").unlink()
+    pytest.fail("no unwritable directory on this machine to test with")
 
 
 @pytest.fixture(scope="session")

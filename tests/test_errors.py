@@ -36,10 +36,23 @@ def test_budget_above_context(llama, tokenizer):
 
 
 def test_unknown_model_name():
-    with pytest.raises(namm.NammError, match="not a bundled name"):
+    with pytest.raises(namm.NammError, match="not a bundled model .* nor a local model directory"):
         namm.load_model("no-such-org/no-such-model-xyz")
     with pytest.raises(namm.NammError, match="not a model directory"):
         namm.load_model("/tmp/definitely/not/here")
+
+
+def test_bad_delay_names_the_delay_and_chunk_size_zero_is_refused(llama, tokenizer):
+    for delay in (0, -4):
+        with pytest.raises(namm.NammError, match=f"delay must be a positive number of tokens, got {delay}"):
+            namm.generate(llama, tokenizer, random_prompt(10), Full(), delay=delay)
+    with pytest.raises(namm.NammError, match=r"chunk_size \(0\) must be a positive divisor"):
+        namm.generate(llama, tokenizer, random_prompt(10), Full(), delay=64, chunk_size=0)
+
+
+def test_descriptions_read_naturally():
+    assert H2O(budget=1).describe() == "h2o (budget 1 token)"
+    assert H2O(budget=0.125).describe() == "h2o (budget 12.5%)"
 
 
 def test_model_whose_attention_cannot_be_managed():

@@ -121,3 +121,42 @@ def test_bad_files(tmp_path):
     notmap.write_text("- 1\n- 2\n")
     with pytest.raises(NammError, match=r"list.yaml: the recipe: expected a mapping"):
         load_recipe(notmap)
+
+
+def test_population_minimum_is_the_optimisers():
+    import numpy as np
+
+    from namm.evolution import CMAES
+
+    with pytest.raises(NammError, match="'population': expected an integer >= 3, got 2"):
+        Recipe.from_dict({**GOOD, "population": 2, "members_per_batch": 1})
+    assert Recipe.from_dict({**GOOD, "population": 3, "members_per_batch": 1}).population == 3
+    opt = CMAES(5, 3)  # the smallest population pycma runs
+    for _ in range(2):
+        x = opt.ask()
+        opt.tell(x, -np.sum(x**2, axis=1))
+    with pytest.raises(NammError, match="popsize must be >= 3"):
+        CMAES(5, 2)
+
+
+def test_cadence_fields_must_agree():
+    with pytest.raises(NammError, match="'chunk_size': must divide delay \\(256\\)"):
+        Recipe.from_dict({**GOOD, "chunk_size": 100})
+    with pytest.raises(NammError, match="'policy.delay': 128 differs from delay \\(256\\)"):
+        Recipe.from_dict({**GOOD, "policy": {"delay": 128}})
+    assert Recipe.from_dict({**GOOD, "policy": {"delay": 256}}).policy == {"delay": 256}
+
+
+def test_check_recipe_knows_the_tasks_and_the_namm():
+    from namm.evolution.recipe import check_recipe
+
+    ok = {**GOOD, "policy": {}, "stages": [{"name": "one", "generations": 1, "tasks": ["passkey"]}],
+          "validation": {"every": 1, "seed": 9, "tasks": [{"name": "niah_single", "options": {"length": 512}}]}}
+    check_recipe(Recipe.from_dict(ok))
+    with pytest.raises(NammError, match="'stages\\[1\\].tasks\\[1\\]': Unknown task 'qa'"):
+        check_recipe(Recipe.from_dict({**GOOD, "policy": {}}))
+    bad_option = {**ok, "validation": {"every": 1, "seed": 9, "tasks": [{"name": "niah_single", "options": {"x": 1}}]}}
+    with pytest.raises(NammError, match="'validation.tasks\\[0\\]': Task 'niah_single' does not take option"):
+        check_recipe(Recipe.from_dict(bad_option))
+    with pytest.raises(NammError, match="recipe field 'policy': Unknown NAMM config field"):
+        check_recipe(Recipe.from_dict({**ok, "policy": {"hidden": 32}}))

@@ -166,3 +166,83 @@ def test_cli_bad_input_is_one_clear_line(tmp_path):
     assert res.exit_code == 2 and "Unknown policy" in res.output
     res = runner.invoke(app, ["generate", "--policy", "h2o", "--budget", "zero", "--prompt", "hi"])
     assert res.exit_code == 2 and "--budget" in res.output
+
+
+def _count_runs(monkeypatch):
+    """Count the samples actually generated (records reused from a file are not)."""
+    import namm.harness as harness
+
+    calls = []
+    real = harness.run_sample
+
+    def counted(model, tokenizer, task, sample, *args, **kwargs):
+        calls.append(sample.id)
+        return real(model, tokenizer, task, sample, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "run_sample", counted)
+    return calls
+
+
+def test_resume_keeps_every_valid_record_around_a_corrupt_middle_line(llama, tokenizer, tmp_path, monkeypatch,
+                                                                       capsys):
+    task = EchoTask()
+    samples = task.samples(4, length=40)
+    out = tmp_path / "echo.jsonl"
+    first = evaluate(llama, tokenizer, task, Full(), samples[:3], out_file=out, delay=16, progress=False)
+    good = out.read_text().splitlines()
+    out.write_text("\n".join([good[0], '{"id": "1", "predic', *good[1:]]) + "\n")  # damage between records
+    capsys.readouterr()
+    calls = _count_runs(monkeypatch)
+    records = evaluate(llama, tokenizer, task, Full(), samples, out_file=out, delay=16, progress=False)
+    assert calls == ["3"]  # the three valid records were reused, none recomputed
+    assert records[:3] == first and [r["id"] for r in records] == ["0", "1", "2", "3"]
+    assert [r["id"] for r in read_records(out)] == ["0", "1", "2", "3"]
+    assert (tmp_path / "echo.jsonl.bad").read_text() == '{"id": "1", "predic\n'  # set aside, not deleted
+    err = capsys.readouterr().err
+    assert "1 unreadable line" in err and "echo.jsonl.bad" in err
+    assert "3 of 4 samples already recorded, reused" in err
+
+
+def test_resume_after_a_record_without_its_final_newline(llama, tokenizer, tmp_path, monkeypatch):
+    task = EchoTask()
+    samples = task.samples(3, length=40)
+    out = tmp_path / "echo.jsonl"
+    first = evaluate(llama, tokenizer, task, Full(), samples[:2], out_file=out, delay=16, progress=False)
+    out.write_text(out.read_text().rstrip("\n"))  # e.g. written by another tool, or an editor
+    calls = _count_runs(monkeypatch)
+    records = evaluate(llama, tokenizer, task, Full(), samples, out_file=out, delay=16, progress=False)
+    assert calls == ["2"] and records[:2] == first
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["0", "1", "2"]  # valid JSON lines
+    again = evaluate(llama, tokenizer, task, Full(), samples, out_file=out, delay=16, progress=False)
+    assert calls == ["2"] and again == records  # the next rerun keeps (and reuses) all three
+
+
+def test_compare_checks_its_settings_before_the_full_cache_runs(llama, tokenizer, tmp_path, monkeypatch):
+    task = EchoTask()
+    samples = task.samples(2, length=40)
+    calls = _count_runs(monkeypatch)
+    bad = [
+        (dict(policies=["full", "lru"], budgets=[0.5]), "Unknown policy 'lru'"),
+        (dict(policies=["h2o"], budgets=[0.5], match_budget="bogus"), "--match-budget must be one of"),
+        (dict(policies=["h2o"], budgets=[0]), "budget must be at least 1 token"),
+        (dict(policies=["h2o"], budgets=[500]), "above the context"),
+        (dict(policies=["h2o"], budgets=[]), "at least one --budget"),
+        (dict(policies=["h2o", "namm"], budgets=[0.5]), "needs a checkpoint"),
+        (dict(policies=["h2o"], budgets=[0.5], match_budget="namm"), "needs namm among --policies"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(NammError, match=message):
+            compare(llama, tokenizer, task, samples, out_dir=tmp_path / "out", delay=16, progress=False, **kwargs)
+    assert calls == [] and not (tmp_path / "out").exists()  # nothing ran, nothing was written
+
+
+def test_budgets_that_mean_the_same_share_one_result_and_read_uniformly(llama, tokenizer, tmp_path):
+    task = EchoTask()
+    rows = compare(llama, tokenizer, task, task.samples(1, length=40), ["full", "h2o", "H2O"], [0.5, 0.5, 8],
+                   tmp_path, delay=16, progress=False)
+    assert [(r["label"], r["budget"]) for r in rows] == [("full", "100%"), ("h2o@0.5", "50%"),
+                                                         ("h2o@8", "8 tokens")]
+    assert sorted(p.name for p in tmp_path.glob("*.jsonl")) == ["echo__full.jsonl", "echo__h2o@0.5.jsonl",
+                                                                 "echo__h2o@8.jsonl"]
+    record = read_records(tmp_path / "echo__h2o@8.jsonl")[0]
+    assert all(isinstance(v, int) for row in record["kept_tokens"] for v in row)  # token counts, not floats

@@ -150,3 +150,15 @@ def test_budgeted_namm_in_the_runtime_on_gemma_global_layers(tokenizer):
     for s in out.stats.steps:
         expected = int(torch.ceil(s["n_seen"] * fractions[layers.index(s["layer"])] - 1e-9))
         assert all(v == expected for row in s["kept"] for v in row)
+
+
+def test_budgeted_namm_holds_its_budget_on_a_prompt_shorter_than_its_cadence(tokenizer):
+    model = tiny_model("llama")
+    cfg = budget_config(depth_knots=2, spectral_norm="per_head")
+    policy = NAMM(cfg, params=torch.randn(param_count(cfg), generator=torch.Generator().manual_seed(2)))
+    out = namm.generate(model, tokenizer, random_prompt(14, seed=1), policy, max_new_tokens=2, delay=16,
+                        chunk_size=16)
+    fractions = allocate(policy.depth_logits(), 0.5, 3)[0]
+    assert [s["n_seen"] for s in out.stats.steps] == [14, 14, 14]  # one end-of-prompt step per layer
+    for s in out.stats.steps:
+        assert all(v == int(torch.ceil(14 * fractions[s["layer"]] - 1e-9)) for row in s["kept"] for v in row)

@@ -157,7 +157,28 @@ def test_left_padded_batch_matches_single_prompts(tokenizer):
 def test_chunked_prefill_memory_steps_land_on_multiples(llama, tokenizer):
     out = namm.generate(llama, tokenizer, random_prompt(100), H2O(budget=10), max_new_tokens=30, delay=32, chunk_size=8)
     seen = sorted({s["n_seen"] for s in out.stats.steps})
-    assert seen == [32, 64, 96, 128]
+    assert seen == [32, 64, 96, 100, 128]  # the cadence's multiples, plus the budget step at the prompt's end
+
+
+@pytest.mark.parametrize("policy", [H2O(budget=16), SnapKV(budget=0.25, window=8)], ids=["h2o", "snapkv"])
+def test_a_budget_holds_before_decoding_on_a_prompt_shorter_than_the_cadence(policy, llama, tokenizer):
+    prompt = random_prompt(40, seed=9)
+    budget = 16 if isinstance(policy.budget, int) else 10
+    out = namm.generate(llama, tokenizer, prompt, policy, max_new_tokens=1, delay=512)
+    assert [(s["layer"], s["n_seen"]) for s in out.stats.steps] == [(i, 40) for i in range(3)]  # recorded steps
+    assert all(v == budget for s in out.stats.steps for row in s["kept"] for v in row)
+    assert max(v for row in out.stats.kept_tokens for v in row) <= budget  # what the answer was generated from
+    # the same inside model.generate: the step runs at the first decoding call, before its attention
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    cache = namm.MemoryCache(llama, policy, delay=512)
+    seen = []
+    llama.generate(ids, max_new_tokens=3, do_sample=False, **{namm.cache.cache_argument(llama): cache},
+                   logits_processor=[lambda _ids, scores: seen.append(int(cache.kept_tokens().max())) or scores])
+    assert [s.n_seen for s in cache.stats.steps] == [40] * 3
+    assert seen[1:] == [budget + 1, budget + 2]  # after the prompt, the cache grows from the budget
+    # a policy without a budget takes no extra step, and Full still reproduces the model
+    full = namm.generate(llama, tokenizer, prompt, Full(), max_new_tokens=1, delay=512)
+    assert full.stats.steps == [] and full.stats.kept_tokens[0][0] == 40
 
 
 def test_recomputed_attention_equals_eager_weights(tokenizer):

@@ -53,6 +53,18 @@ def take_pending(layer_idx: int) -> EvictingLayer | None:
     return layer
 
 
+def cache_argument(model) -> str:
+    """The keyword under which ``model``'s forward takes the cache: ``cache`` (newer transformers 5 releases,
+    where ``past_key_values`` is deprecated) or ``past_key_values``."""
+    import inspect  # noqa: PLC0415
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def clear_pending() -> None:
     """Forget a pending layer (e.g. after a forward pass was interrupted by an exception)."""
     _PENDING.layer = None
@@ -167,6 +179,8 @@ class EvictingLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, h, q, _ = key_states.shape
+        if q == 1 and self.owner.auto_end_prompt:  # decoding starts (e.g. inside model.generate)
+            self.owner.end_prompt()
         if self._positions is not None:
             new_pos = torch.arange(self.n_seen, self.n_seen + q, device=self.device)
             self._positions = torch.cat([self._positions, new_pos.expand(b, h, q)], dim=-1)
@@ -366,6 +380,25 @@ class EvictingLayer(DynamicLayer):
         """``(Q,)`` int64 absolute positions of the stored queries."""
         return torch.arange(self.n_seen - self.queries.shape[2], self.n_seen, device=self.device)
 
+    def step_view(self, attention=None, query_positions=None, blocks=None) -> MemoryStep:
+        """The :class:`MemoryStep` a policy sees for this layer now (without attention unless given)."""
+        return MemoryStep(
+            layer_idx=self.layer_idx,
+            num_layers=len(self.owner.layers),
+            keys=self.keys,
+            values=self.values,
+            positions=self.positions,
+            valid=self.valid,
+            attention=attention,
+            query_positions=query_positions,
+            attention_blocks=blocks,
+            n_seen=self.n_seen,
+            n_real=self.real.sum(dim=-1),
+            state=self.state,
+            managed_layers=self.owner.managed_ids,
+            probe=self.probe,
+        )
+
     def memory_step(self) -> None:
         """Score, select and evict; then forget the stored queries."""
         start = time.perf_counter()
@@ -376,22 +409,7 @@ class EvictingLayer(DynamicLayer):
                 qpos, blocks = self.query_positions(), self.attention_blocks
             else:
                 attention, qpos = self.recent_attention()
-        step = MemoryStep(
-            layer_idx=self.layer_idx,
-            num_layers=len(self.owner.layers),
-            keys=self.keys,
-            values=self.values,
-            positions=self.positions,
-            valid=self.valid,
-            attention=attention,
-            query_positions=qpos,
-            attention_blocks=blocks,
-            n_seen=self.n_seen,
-            n_real=self.real.sum(dim=-1),
-            state=self.state,
-            managed_layers=self.owner.managed_ids,
-            probe=self.probe,
-        )
+        step = self.step_view(attention, qpos, blocks)
         self.probe = None
         scores = policy.score(step)
         keep = policy.keep(step, scores) & self.valid
@@ -471,6 +489,7 @@ class MemoryCache(Cache):
         self.defer_steps = False  # hold memory steps back (shared population prefix, probes); see run_due_steps
         self.probing = False  # tokens now appended are a probe (see probe()): no memory step runs
         self.capture_probe = False  # ... and the layers keep their queries for the next memory step
+        self.auto_end_prompt = True  # run end_prompt at the first one-token call; namm.generate calls it itself
         self.stats = CacheStats()
         self._bytes_total = 0
         clear_pending()
@@ -527,6 +546,24 @@ class MemoryCache(Cache):
         for layer in self.managed:
             if layer.is_initialized and layer.step_due():
                 layer.memory_step()
+
+    def end_prompt(self) -> None:
+        """The prompt is complete: run a memory step in every managed layer that holds more than the policy's
+        budget (:meth:`Policy.over_budget`), so the budget holds before the answer is generated even when the
+        prompt ends between two steps of the ``delay`` cadence. The step is recorded like any other; the
+        cadence stays on absolute multiples of ``delay``. :func:`namm.generate` calls it after the prefill;
+        otherwise (``model.generate``) it runs once, at the first one-token (decoding) call."""
+        self.auto_end_prompt = False
+        for layer in self._over_budget():
+            layer.memory_step()
+
+    def _over_budget(self) -> list[EvictingLayer]:
+        return [layer for layer in self.managed if layer.is_initialized and layer.n_seen > layer.last_step
+                and self.policy.over_budget(layer.step_view())]
+
+    def prompt_over_budget(self) -> bool:
+        """Whether :meth:`end_prompt` would run a step (a layer holds more than the policy's budget)."""
+        return bool(self._over_budget())
 
     def compress_now(self) -> None:
         """Run a memory step in every managed layer now, off the ``delay`` cadence (question-agnostic mode)."""

@@ -1,19 +1,35 @@
-"""The ``namm`` command line: generate, policies, eval, compare, demo, bench, evolve, evolve-plot."""
+"""The ``namm`` command line: generate, policies, eval, compare, demo, bench, evolve, evolve-plot.
+
+Every command checks its flags (and output paths) before it loads a model or does any work; a mistake gets
+one line on stderr and exit code 2. Importing this module does not import torch, so ``--help`` is instant.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import sys
 from pathlib import Path
 
 import typer
+import typer.rich_utils
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from namm.errors import NammError
+from namm.tasks import list_tasks
+
+if not os.environ.get("TERMINAL_WIDTH") and not sys.stdout.isatty():
+    typer.rich_utils.MAX_WIDTH = 140  # help piped to a file or pager: 140 columns, not rich's 80 (as below)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Learned, evolved KV-cache memory for LLMs.")
+
+#: the cadence when neither --delay nor a NAMM checkpoint sets one
+DEFAULT_DELAY = 512
+_TASKS = ", ".join(list_tasks())
 
 
 def _console(stderr: bool = False) -> Console:
@@ -27,18 +43,26 @@ console = _console(stderr=True)
 
 
 def parse_budget(text: str | None) -> int | float | None:
-    """``"256"`` -> 256 tokens, ``"0.25"`` or ``"25%"`` -> a fraction."""
+    """``"256"`` or ``"1e3"`` -> tokens (256, 1000); ``"0.25"`` or ``"25%"`` -> a fraction in (0, 1]."""
     if text is None:
         return None
     t = text.strip()
+    usage = "a token count (256), a fraction (0.25) or a percentage (25%)"
     try:
-        if t.endswith("%"):
-            return float(t[:-1]) / 100
-        return float(t) if any(c in t for c in ".eE") else int(t)
+        value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
     except ValueError:
-        raise NammError(
-            f"--budget must be a token count (256), a fraction (0.25) or a percentage (25%), got {text!r}."
-        ) from None
+        raise NammError(f"--budget must be {usage}, got {text!r}.") from None
+    if not math.isfinite(value) or value <= 0:
+        raise NammError(f"--budget must be positive: {usage}, got {text!r}.")
+    if t.endswith("%"):
+        if value > 1:
+            raise NammError(f"--budget {text}: a percentage must be at most 100%.")
+        return round(value, 12)
+    if re.fullmatch(r"[+]?\d+", t) or (value > 1 and value.is_integer()):
+        return int(value)  # "256", or "1e3" / "256.0": a whole number of tokens
+    if value > 1:
+        raise NammError(f"--budget {text}: a fraction must be at most 1; a token count must be a whole number.")
+    return value
 
 
 def parse_options(pairs: list[str]) -> dict:
@@ -59,17 +83,64 @@ def build_policy(name: str, budget: str | None, options: list[str], namm_checkpo
     """Make a policy from CLI arguments (``namm`` policies load ``--namm-checkpoint``)."""
     from namm.policies import make_policy  # noqa: PLC0415
 
-    kwargs = parse_options(options)
-    if name.lower() == "namm":
+    if name.strip().lower() == "namm":
         from namm.memory import NAMM  # noqa: PLC0415
 
         if budget is not None:
             raise NammError("The namm policy decides its cache size itself; drop --budget.")
+        if options:
+            raise NammError("The namm policy takes no --option; its settings come from --namm-checkpoint.")
         return NAMM.from_pretrained(namm_checkpoint or "smollm2-135m")
+    if namm_checkpoint is not None:
+        raise NammError(f"--namm-checkpoint applies to --policy namm only, not to {name!r}; drop one of them.")
+    kwargs = parse_options(options)
     parsed = parse_budget(budget)
     if parsed is not None:
         kwargs["budget"] = parsed
     return make_policy(name, **kwargs)
+
+
+def check_count(flag: str, value: int, minimum: int) -> None:
+    """Refuse ``value < minimum`` for an integer flag, naming the flag."""
+    if value < minimum:
+        raise NammError(f"{flag} must be at least {minimum}, got {value}.")
+
+
+def cadence(delay: int | None, chunk_size: int | None, policy=None) -> int:
+    """``--delay`` (default: a NAMM checkpoint's own cadence, else 512), checked with ``--chunk-size``."""
+    if delay is None:
+        delay = getattr(getattr(policy, "config", None), "delay", None) or DEFAULT_DELAY
+    check_count("--delay", delay, 1)
+    if chunk_size is not None and (chunk_size < 1 or delay % chunk_size):
+        raise NammError(f"--chunk-size must be a positive divisor of --delay ({delay}), got {chunk_size}.")
+    return delay
+
+
+def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    """The prompt text from ``--prompt`` or ``--prompt-file`` (exactly one of them)."""
+    if prompt is not None and prompt_file is not None:
+        raise NammError("Give either --prompt or --prompt-file, not both.")
+    if prompt_file is None:
+        if prompt is None:
+            raise NammError("Give a prompt with --prompt or --prompt-file.")
+        return prompt
+    if not prompt_file.exists():
+        raise NammError(f"--prompt-file {prompt_file} does not exist.")
+    if prompt_file.is_dir():
+        raise NammError(f"--prompt-file {prompt_file} is a directory; give a text file.")
+    try:
+        return prompt_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise NammError(f"--prompt-file {prompt_file} is not UTF-8 text.") from None
+    except OSError as err:
+        raise NammError(f"--prompt-file {prompt_file} cannot be read ({err.strerror or err}).") from None
+
+
+def output_dir(path: Path, flag: str = "--out") -> Path:
+    """Create ``path`` and check it is writable, before any work (one line naming ``flag`` otherwise)."""
+    from namm.jsonl import writable_dir  # noqa: PLC0415
+
+    return writable_dir(path, flag)
 
 
 def _run(fn):
@@ -77,55 +148,59 @@ def _run(fn):
     try:
         return fn()
     except NammError as err:
-        console.print(f"[bold red]error:[/] {err}")
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+
+
+def _load(model: str):
+    from namm.models import load_model  # noqa: PLC0415
+
+    return load_model(model)
 
 
 @app.command()
 def generate(
     model: str = typer.Option("smollm2-135m", help="Bundled name, hub id or local directory."),
     policy: str = typer.Option("full", help="Policy name (see `namm policies`)."),
-    budget: str = typer.Option(None, help="Cache budget per head: tokens (256) or a fraction (0.25)."),
+    budget: str = typer.Option(None, help="Cache budget per head: tokens (256) or a fraction (0.25, 25%)."),
     prompt: str = typer.Option(None, help="Prompt text (or use --prompt-file)."),
     prompt_file: Path = typer.Option(None, help="Read the prompt from this file."),
     max_new_tokens: int = typer.Option(64),
-    delay: int = typer.Option(512, help="Memory step every DELAY tokens (absolute positions)."),
+    delay: int = typer.Option(None, help="Memory step every DELAY tokens (absolute positions; default: a NAMM "
+                              "checkpoint's own cadence, else 512). A budget also holds at the end of the prompt."),
     chunk_size: int = typer.Option(None, help="Prefill chunk size (divides --delay; default: --delay)."),
     option: list[str] = typer.Option([], "--option", "-o", help="Policy option key=value (repeatable)."),
-    namm_checkpoint: str = typer.Option(None, help="NAMM checkpoint directory (for --policy namm)."),
+    namm_checkpoint: str = typer.Option(None, help="NAMM checkpoint name or directory (for --policy namm)."),
     chat: bool = typer.Option(False, help="Wrap the prompt in the tokenizer's chat template."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Generate from a prompt with a KV cache managed by a policy."""
 
     def body():
-        import namm  # noqa: PLC0415
-
-        if prompt_file is not None:
-            if not prompt_file.exists():
-                raise NammError(f"--prompt-file {prompt_file} does not exist.")
-            text = prompt_file.read_text()
-        elif prompt is not None:
-            text = prompt
-        else:
-            raise NammError("Give a prompt with --prompt or --prompt-file.")
+        text = read_prompt(prompt, prompt_file)
+        check_count("--max-new-tokens", max_new_tokens, 0)
         pol = build_policy(policy, budget, option, namm_checkpoint)
-        mdl, tok = namm.load_model(model)
+        every = cadence(delay, chunk_size, pol)
+        mdl, tok = _load(model)
+        from namm.engine import generate as run_generate  # noqa: PLC0415
+
         if chat:
             if not getattr(tok, "chat_template", None):
                 raise NammError(f"{model} has no chat template; drop --chat.")
             text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                            add_generation_prompt=True)
-        out = namm.generate(mdl, tok, text, pol, max_new_tokens=max_new_tokens, delay=delay, chunk_size=chunk_size)
+        out = run_generate(mdl, tok, text, pol, max_new_tokens=max_new_tokens, delay=every, chunk_size=chunk_size)
         s = out.stats
         record = {
             "text": out.text,
             "policy": pol.describe(),
-            "kept_tokens": s.kept_tokens,
+            "delay": every,
+            "kept_tokens": [[int(v) for v in row] for row in s.kept_tokens],  # one prompt: whole tokens
             "mean_kept_tokens": sum(map(sum, s.kept_tokens)) / max(1, sum(map(len, s.kept_tokens))),
             "total_tokens": s.prompt_tokens[0] + s.generated_tokens[0],
             "prompt_tokens": s.prompt_tokens[0],
             "generated_tokens": s.generated_tokens[0],
+            "memory_steps": sorted({step["n_seen"] for step in s.steps}),
             "mean_kv_tokens": s.mean_kv_tokens,
             "peak_kv_tokens": s.peak_kv_tokens,
             "cache_fraction": s.cache_fraction,
@@ -141,13 +216,18 @@ def generate(
             sys.stdout.write(json.dumps(record) + "\n")
             return
         sys.stdout.write(out.text + "\n")
+        steps = plural_steps(len(record["memory_steps"]))
         console.print(
-            f"[dim]{pol.describe()}: kept {record['mean_kept_tokens']:.0f} of {record['total_tokens']} tokens per head "
-            f"(mean cache {s.cache_fraction:.0%}), KV {s.kv_bytes / 2**20:.1f} MiB (peak "
-            f"{s.peak_kv_bytes / 2**20:.1f}), {s.seconds:.1f}s[/]"
+            f"[dim]{escape(pol.describe())}: kept {record['mean_kept_tokens']:.0f} of {record['total_tokens']} "
+            f"tokens per head after {steps} (mean cache {s.cache_fraction:.0%}), KV {s.kv_bytes / 2**20:.1f} MiB "
+            f"(peak {s.peak_kv_bytes / 2**20:.1f}), {s.seconds:.1f}s[/]", highlight=False
         )
 
     _run(body)
+
+
+def plural_steps(n: int) -> str:
+    return f"{n} memory step{'' if n == 1 else 's'}"
 
 
 @app.command()
@@ -171,113 +251,158 @@ def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _samples(task_name: str, tok, n: int, seed: int, max_length: int | None, offset: int, truncate: bool):
-    from namm.tasks import get_task  # noqa: PLC0415
+def build_task(name: str, truncate: bool = True):
+    """The task ``name``, its data checked before any model loads (LongBench reads its file here)."""
+    from namm.tasks import LongBenchTask, get_task  # noqa: PLC0415
 
-    options = {} if truncate else {"truncate": False}
-    try:
-        task = get_task(task_name, **options)
-    except TypeError:
-        task = get_task(task_name)
-    return task, task.samples(n, seed=seed, length=max_length, tokenizer=tok, offset=offset)
+    task = get_task(name)
+    if isinstance(task, LongBenchTask):
+        if not truncate:
+            task = get_task(name, truncate=False)
+        task.load()
+    elif not truncate:
+        raise NammError(f"--no-truncate applies to LongBench tasks; {task.name} prompts are generated at "
+                        "--max-length tokens.")
+    return task
 
 
-def _summary_table(title: str, rows: list[dict]) -> Table:
+def _summary_table(title: str, rows: list[dict], relative: bool = True) -> Table:
     table = Table(title=title)
-    for col in ("policy", "budget", "score", "vs full", "mean KV tokens", "cache", "peak KV tokens", "s/sample"):
+    columns = ["policy", "budget", "score", "vs full", "mean KV tokens", "cache", "peak KV tokens", "s/sample"]
+    if not relative:
+        columns.remove("vs full")
+    for col in columns:
         table.add_column(col, justify="left" if col in ("policy", "budget") else "right", no_wrap=col == "policy")
     for r in rows:
-        table.add_row(r["policy"], r["budget"], f"{r['score']:.1f}", f"{r['relative']:.2f}",
-                      f"{r['mean_kv_tokens']:.0f}", f"{r['cache_fraction']:.0%}", str(r["peak_kv_tokens"]),
-                      f"{r['seconds']:.1f}")
+        ratio = "-" if math.isnan(r["relative"]) else f"{r['relative']:.2f}"  # nan: full scored 0
+        cells = [r["policy"], r["budget"], f"{r['score']:.1f}", ratio, f"{r['mean_kv_tokens']:.0f}",
+                 f"{r['cache_fraction']:.0%}", str(r["peak_kv_tokens"]), f"{r['seconds']:.1f}"]
+        if not relative:
+            del cells[3]
+        table.add_row(*cells)
     return table
+
+
+_TASK_HELP = f"Task: {_TASKS}."
+_OUT_HELP = "Output directory (resumes from its JSON lines)."
 
 
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Option("smollm2-135m", help="Bundled name, hub id or local directory."),
-    policy: str = typer.Option("full"),
-    budget: str = typer.Option(None, help="Tokens per head or fraction."),
+    policy: str = typer.Option("full", help="Policy name (see `namm policies`)."),
+    budget: str = typer.Option(None, help="Tokens per head (256) or a fraction (0.25, 25%)."),
     option: list[str] = typer.Option([], "--option", "-o", help="Policy option key=value (repeatable)."),
-    namm_checkpoint: str = typer.Option(None),
-    task: str = typer.Option(..., help="Task name (see namm.tasks.list_tasks())."),
-    samples: int = typer.Option(10),
+    namm_checkpoint: str = typer.Option(None, help="NAMM checkpoint name or directory (for --policy namm)."),
+    task: str = typer.Option(..., help=_TASK_HELP),
+    samples: int = typer.Option(10, help="Number of samples (at least 1)."),
     max_length: int = typer.Option(2048, help="Prompt length in tokens (synthetic) / truncation limit (LongBench)."),
     seed: int = typer.Option(0),
     offset: int = typer.Option(0, help="Skip this many samples of the seeded order."),
-    no_truncate: bool = typer.Option(False, help="Refuse prompts over --max-length instead of truncating."),
-    delay: int = typer.Option(512),
-    chunk_size: int = typer.Option(None),
+    truncate: bool = typer.Option(True, "--truncate/--no-truncate",
+                                  help="Middle-truncate LongBench prompts over --max-length (--no-truncate refuses "
+                                  "them)."),
+    delay: int = typer.Option(None, help="Memory-step cadence (default: a NAMM checkpoint's own, else 512)."),
+    chunk_size: int = typer.Option(None, help="Prefill chunk size (divides --delay; default: --delay)."),
     question_agnostic: bool = typer.Option(False, help="Compress the context before appending the question."),
-    out: Path = typer.Option(Path("runs/eval"), help="Output directory (resumes from its JSON lines)."),
+    out: Path = typer.Option(Path("runs/eval"), help=_OUT_HELP),
 ) -> None:
     """Evaluate one policy on a task; one JSON line per sample in OUT, resumable."""
 
     def body():
-        import namm  # noqa: PLC0415
-        from namm.harness import Entry, evaluate  # noqa: PLC0415
-
+        check_count("--samples", samples, 1)
+        check_count("--max-length", max_length, 1)
+        check_count("--offset", offset, 0)
         pol = build_policy(policy, budget, option, namm_checkpoint)
-        mdl, tok = namm.load_model(model)
-        tsk, items = _samples(task, tok, samples, seed, max_length, offset, not no_truncate)
-        label = policy.lower() + (f"@{budget}" if budget else "")
+        every = cadence(delay, chunk_size, pol)
+        tsk = build_task(task, truncate)
+        parsed = parse_budget(budget)
+        label = pol.name + ("" if parsed is None else f"@{parsed}")
+        output_dir(out)
+        mdl, tok = _load(model)
+        from namm.harness import Entry, budget_label, evaluate, plural  # noqa: PLC0415
+
+        items = tsk.samples(samples, seed=seed, length=max_length, tokenizer=tok, offset=offset)
+        if not items:
+            raise NammError(f"{tsk.name} has no samples after --offset {offset}.")
         file = out / f"{tsk.name}__{label}.jsonl"
-        records = evaluate(mdl, tok, tsk, pol, items, out_file=file, delay=delay, chunk_size=chunk_size,
+        records = evaluate(mdl, tok, tsk, pol, items, out_file=file, delay=every, chunk_size=chunk_size,
                            question_agnostic=question_agnostic, label=label)
-        entry = Entry(label, policy.lower(), budget or "-", records)
-        row = entry.summary({r["id"]: r["score"] for r in records})
-        row["relative"] = float("nan")
-        _console().print(_summary_table(f"{tsk.name}: {len(records)} samples -> {file}", [row]))
+        shown = "learned" if pol.name == "namm" else "100%" if pol.name == "full" else budget_label(parsed)
+        row = Entry(label, pol.name, shown, records).summary({r["id"]: r["score"] for r in records})
+        title = f"{tsk.name}: {plural(len(records), 'sample')} -> {file}"
+        _console().print(_summary_table(title, [row], relative=False))
 
     _run(body)
 
 
 @app.command()
 def compare(
-    model: str = typer.Option("smollm2-135m"),
-    task: str = typer.Option("passkey", help="Task name, or several separated by commas."),
+    model: str = typer.Option("smollm2-135m", help="Bundled name, hub id or local directory."),
+    task: str = typer.Option("passkey", help=f"Task name, or several separated by commas: {_TASKS}."),
     policies: str = typer.Option("full,streaming,h2o,l2,snapkv,random", help="Comma-separated policy names."),
     budget: str = typer.Option("0.25", help="Budget(s) for the baselines, comma-separated (tokens or fractions)."),
     match_budget: str = typer.Option(
         None, help="'namm': give each baseline the NAMM's cache size after every memory step (same sample); "
         "'namm-mean': one fixed budget, the NAMM's mean size (the paper's rule)."),
-    namm_checkpoint: str = typer.Option(None),
-    samples: int = typer.Option(8),
+    namm_checkpoint: str = typer.Option(None, help="NAMM checkpoint name or directory (when namm is compared)."),
+    samples: int = typer.Option(8, help="Number of samples per task (at least 1)."),
     max_length: int = typer.Option(2048),
     seed: int = typer.Option(0),
     offset: int = typer.Option(0),
-    delay: int = typer.Option(512),
+    delay: int = typer.Option(None, help="Memory-step cadence (default: the NAMM checkpoint's own, else 512)."),
     chunk_size: int = typer.Option(None),
     question_agnostic: bool = typer.Option(False),
-    out: Path = typer.Option(Path("runs/compare")),
+    out: Path = typer.Option(Path("runs/compare"), help=_OUT_HELP),
 ) -> None:
     """Compare policies on the same samples: table, results.json and a score-vs-cache plot."""
 
     def body():
-        import namm  # noqa: PLC0415
-        from namm.harness import compare as run_compare  # noqa: PLC0415
+        from namm.harness import check_compare  # noqa: PLC0415
 
+        check_count("--samples", samples, 1)
+        check_count("--max-length", max_length, 1)
+        check_count("--offset", offset, 0)
         names = _split(policies)
+        if not names:
+            raise NammError("--policies is empty; name at least one policy.")
         budgets = [parse_budget(b) for b in _split(budget)]
-        namm_pol = build_policy("namm", None, [], namm_checkpoint) if "namm" in names else None
-        mdl, tok = namm.load_model(model)
-        for task_name in _split(task):
-            tsk, items = _samples(task_name, tok, samples, seed, max_length, offset, True)
+        if "namm" in (n.lower() for n in names):
+            namm_pol = build_policy("namm", None, [], namm_checkpoint)
+        elif namm_checkpoint is not None:
+            raise NammError("--namm-checkpoint is only used when namm is among --policies; add it or drop the flag.")
+        else:
+            namm_pol = None
+        check_compare(names, budgets, match_budget, namm_pol)
+        every = cadence(delay, chunk_size, namm_pol)
+        tasks = [build_task(t) for t in _split(task)]
+        if not tasks:
+            raise NammError("--task is empty; name at least one task.")
+        output_dir(out)
+        mdl, tok = _load(model)
+        from namm.harness import compare as run_compare  # noqa: PLC0415
+        from namm.harness import plural  # noqa: PLC0415
+
+        for tsk in tasks:
+            items = tsk.samples(samples, seed=seed, length=max_length, tokenizer=tok, offset=offset)
+            if not items:
+                raise NammError(f"{tsk.name} has no samples after --offset {offset}.")
             rows = run_compare(mdl, tok, tsk, items, names, budgets, out, match_budget=match_budget,
-                               namm_policy=namm_pol, delay=delay, chunk_size=chunk_size,
+                               namm_policy=namm_pol, delay=every, chunk_size=chunk_size,
                                question_agnostic=question_agnostic)
-            _console().print(_summary_table(f"{tsk.name} @ {max_length} tokens, {len(items)} samples", rows))
-            console.print(f"[dim]wrote {out}/{tsk.name}__results.json and .png[/]")
+            title = f"{tsk.name} @ {max_length} tokens, {plural(len(items), 'sample')}"
+            _console().print(_summary_table(title, rows))
+            console.print(f"[dim]wrote {escape(str(out))}/{tsk.name}__results.json and .png[/]", highlight=False)
 
     _run(body)
 
 
 @app.command()
 def demo(
-    model: str = typer.Option("smollm2-135m"),
+    model: str = typer.Option("smollm2-135m", help="Bundled model name (or hub id / directory)."),
     length: int = typer.Option(2048, help="Passkey prompt length in tokens."),
     budget: str = typer.Option("0.25", help="Baselines' budget when no NAMM is bundled for the model."),
-    samples: int = typer.Option(4),
+    samples: int = typer.Option(4, help="Number of samples (at least 1)."),
     delay: int = typer.Option(None, help="Memory-step cadence (default: the bundled NAMM's, else 512)."),
     out: Path = typer.Option(None, help="Output directory (default: runs/demo/<model>-<length>)."),
 ) -> None:
@@ -292,14 +417,14 @@ def demo(
     shipped = model in bundled_checkpoints()
     names = "full,streaming,h2o,l2,snapkv,random" + (",namm" if shipped else "")
     if delay is None:
-        delay = NAMM.from_pretrained(model).config.delay if shipped else 512
+        delay = NAMM.from_pretrained(model).config.delay if shipped else DEFAULT_DELAY
     if out is None:  # one directory per model and length, so another --length never meets old records
         out = Path("runs/demo") / f"{re.sub(r'[^A-Za-z0-9._]+', '-', model).strip('-.')}-{length}"
     # chunk_size=delay: Full prefills at the same cadence as the evicting policies, so its "mean KV tokens"
     # and s/sample sit on the same footing as theirs (it would otherwise prefill in one pass).
     compare(model=model, task="passkey", policies=names, budget=budget, match_budget="namm" if shipped else None,
             namm_checkpoint=model if shipped else None, samples=samples, max_length=length, seed=0,
-            offset=0, delay=delay, chunk_size=delay, question_agnostic=False, out=out)
+            offset=0, delay=delay, chunk_size=delay if delay > 0 else None, question_agnostic=False, out=out)
 
 
 @app.command()
@@ -327,11 +452,27 @@ def evolve(
     config: Path = typer.Option(..., "--config", help="Recipe YAML (see docs/evolution.md)."),
     run_dir: Path = typer.Option(None, help="Run directory (default: runs/<recipe name>)."),
     resume: Path = typer.Option(None, help="Resume the run in this directory from its last finished generation."),
-    progress: bool = typer.Option(True, help="Show progress bars."),
+    progress: bool = typer.Option(True, help="Show progress bars (on stderr)."),
 ) -> None:
     """Evolve a NAMM with CMA-ES; checkpoints, logs and plots go to the run directory."""
 
     def body():
+        from namm.evolution.recipe import check_recipe, load_recipe  # noqa: PLC0415
+
+        if not config.is_file():
+            raise NammError(f"--config {config} {'is a directory' if config.is_dir() else 'does not exist'}.")
+        if resume is not None and run_dir is not None and resume != run_dir:
+            raise NammError("Give either --run-dir (a new run) or --resume (an existing run's directory), not both.")
+        recipe = load_recipe(config)
+        check_recipe(recipe)  # before the run directory exists, so a corrected recipe can start there
+        directory = resume or run_dir or Path("runs") / config.stem
+        if resume is not None and not (resume / "recipe.yaml").is_file():
+            raise NammError(f"--resume {resume} holds no evolution run (no recipe.yaml).")
+        if resume is None and (directory / "recipe.yaml").exists():
+            raise NammError(f"{directory} already holds an evolution run; resume it (--resume {directory}) or "
+                            "choose another --run-dir.")
+        output_dir(directory, "--resume" if resume is not None else "--run-dir")
+
         from namm.evolution import evolve as run_evolution  # noqa: PLC0415
         from namm.evolution.lm import (  # noqa: PLC0415
             LMEvaluator,
@@ -339,12 +480,7 @@ def evolve(
             checkpoint_writer,
             prepare_normalisation,
         )
-        from namm.evolution.recipe import load_recipe  # noqa: PLC0415
 
-        if not config.exists():
-            raise NammError(f"--config {config} does not exist.")
-        recipe = load_recipe(config)
-        directory = resume or run_dir or Path("runs") / config.stem
         if recipe.backend == "ray":
             factory = LMEvaluatorFactory(recipe.to_dict(), str(directory))
             evaluator = None
@@ -359,24 +495,31 @@ def evolve(
         result = run_evolution(recipe, directory, resume is not None, factory, progress=progress, prepare=prepare,
                                save_checkpoint=checkpoint_writer(recipe, directory))
         console.print(
-            f"done: {result.generations} generations in {directory}; best validation {result.best_validation} "
-            f"(generation {result.best_generation}); sigma {result.sigma:.4f}"
+            f"done: {result.generations} generations in {escape(str(directory))}; best validation "
+            f"{result.best_validation} (generation {result.best_generation}); sigma {result.sigma:.4f}", highlight=False
         )
 
     _run(body)
 
 
 @app.command("evolve-plot")
-def evolve_plot(run_dir: Path = typer.Argument(..., help="Run directory."), out: Path = typer.Option(None)) -> None:
+def evolve_plot(
+    run_dir: Path = typer.Argument(..., help="Run directory."),
+    out: Path = typer.Option(None, help="Output PNG (default: RUN_DIR/fitness.png; a directory gets fitness.png)."),
+) -> None:
     """Plot a run's fitness and cache-size curves (PNG)."""
 
     def body():
+        if not (run_dir / "log.jsonl").is_file():
+            raise NammError(f"{run_dir} has no log.jsonl; is it an evolution run directory?")
+        target = out or run_dir / "fitness.png"
+        if target.is_dir():
+            target = target / "fitness.png"
+        output_dir(target.parent, "--out")
         from namm.evolution.plot import plot_run  # noqa: PLC0415
 
-        if not (run_dir / "log.jsonl").exists():
-            raise NammError(f"{run_dir} has no log.jsonl; is it an evolution run directory?")
-        path = plot_run(run_dir, out or run_dir / "fitness.png")
-        console.print(f"wrote {path}")
+        path = plot_run(run_dir, target)
+        console.print(f"wrote {escape(str(path))}", highlight=False)
 
     _run(body)
 

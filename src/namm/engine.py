@@ -4,7 +4,7 @@
 multiples of ``chunk_size`` (so that memory steps, every ``delay`` tokens, land exactly on chunk
 ends, as in the reference), then decodes one token at a time until ``max_new_tokens`` or EOS. The
 policy runs inside the cache (:class:`namm.cache.MemoryCache`), so the same cache also works with
-``model.generate(..., past_key_values=cache)``.
+``model.generate(..., cache=cache)`` (``past_key_values=cache`` before transformers renamed it).
 
 Batches of several prompts are left-padded; padding tokens are never attended to, never counted in
 budgets and are evicted at the first memory step.
@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from namm.cache import MemoryCache, clear_pending
+from namm.cache import MemoryCache, cache_argument, clear_pending
 from namm.errors import NammError
 from namm.policies.base import Policy
 
@@ -207,7 +207,7 @@ def probe_step(model, tokenizer, cache: MemoryCache, history: torch.Tensor, fina
     ids = cache.policy.probe_ids(tokenizer, history[:, start:end], history[:, :start])
     with cache.probe(capture=True):
         clear_pending()
-        model(input_ids=ids.to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids.to(model.device), use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
     seconds = time.perf_counter() - t0
     if final:
         cache.compress_now()
@@ -231,7 +231,7 @@ def _score_answer(model, cache: MemoryCache, last_logits: torch.Tensor, ids: tor
     if ids.shape[1] > 1:
         with cache.probe():
             clear_pending()
-            out = model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids[:, :-1], use_cache=True, **{cache_argument(model): cache})
         logits = torch.cat([logits, out.logits.float()], dim=1)
     logprob = torch.log_softmax(logits, dim=-1).gather(-1, ids[..., None]).squeeze(-1).sum(-1)
     return [AnswerScore(float(v), int(ids.shape[1])) for v in logprob.tolist()]
@@ -266,6 +266,8 @@ def generate(
         policy: the eviction policy, e.g. ``namm.policies.H2O(budget=256)``.
         max_new_tokens: generation length cap (EOS stops a row earlier).
         delay: a memory step runs every ``delay`` tokens, counted by absolute position (prefill and decoding).
+            When the prompt ends between two of these steps and a policy's budget is exceeded, one more step
+            runs at the end of the prompt (:meth:`MemoryCache.end_prompt`), so the budget holds before decoding.
         chunk_size: prefill chunk length; chunks end on absolute multiples of it. Must divide ``delay``.
             Defaults to ``delay``, or to the whole prompt for a policy that never evicts (``Full``).
         do_sample, temperature, top_p, seed: sampling (greedy by default).
@@ -286,8 +288,10 @@ def generate(
         A :class:`GenerationResult` with the text, the generated ids and :class:`GenerationStats`.
     """
     one_pass = chunk_size is None and not policy.evicts and policy.query_window is None
-    chunk_size = chunk_size or delay
-    if chunk_size < 1 or delay % chunk_size:
+    chunk_size = delay if chunk_size is None else chunk_size
+    if not isinstance(delay, int) or isinstance(delay, bool) or delay < 1:
+        raise NammError(f"delay must be a positive number of tokens, got {delay!r}.")
+    if not isinstance(chunk_size, int) or chunk_size < 1 or delay % chunk_size:
         raise NammError(f"chunk_size ({chunk_size}) must be a positive divisor of delay ({delay}).")
     if max_new_tokens < 0:
         raise NammError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
@@ -326,6 +330,8 @@ def generate(
     cache = MemoryCache(model, policy, delay=delay)
     cache.defer_steps = probing  # the engine runs them, after the probe (probe_step)
     probe_seconds = 0.0
+    cache.auto_end_prompt = False  # the prompt ends where the prefill below ends
+    cache_kw = cache_argument(model)
     meter = _Meter(cache)
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
@@ -337,7 +343,8 @@ def generate(
             kwargs["position_ids"] = (full_mask[:, :end].cumsum(-1) - 1).clamp(min=0)[:, start:end]
         nonlocal probe_seconds
         clear_pending()
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+        kwargs[cache_kw] = cache
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
         if probing:
             seen = input_ids if end <= n else torch.cat([input_ids, torch.stack(generated, dim=1)], dim=1)
             probe_seconds += probe_step(model, tokenizer, cache, seen[:, :end])
@@ -376,6 +383,11 @@ def generate(
                 probe_seconds += probe_step(model, tokenizer, cache, input_ids[:, :start], final=True)
             else:
                 cache.compress_now()
+    if question is None:  # question-agnostic mode compressed the context; the question stays whole
+        if not probing:
+            cache.end_prompt()
+        elif cache.prompt_over_budget():
+            probe_seconds += probe_step(model, tokenizer, cache, input_ids[:, :n], final=True)
     prefill_seconds = time.perf_counter() - t0
     scored = None
     if answer_ids is not None:

@@ -1,8 +1,10 @@
 """The evaluation harness: run a policy on a task's samples (resumable JSON lines), compare policies.
 
 ``evaluate`` writes one JSON line per sample and skips samples already in the file, so an interrupted
-run resumes where it stopped; every record carries its ``setting`` (model, a digest of the prompt, the
-policy's fingerprint, cadence), and a record made with another setting is refused, never silently reused.
+run resumes where it stopped (and says how many records it reused); every record carries its ``setting``
+(model, a digest of the prompt, the policy's fingerprint, cadence), and a record made with another
+setting is refused, never silently reused. The file is read and appended by :mod:`namm.jsonl`: a damaged
+or torn line is set aside in ``<file>.bad`` (and reported), never taken for the end of the file.
 ``compare`` runs several policies (optionally at several budgets, or at
 the cache size a NAMM reached sample by sample) on the same samples and summarises them against the
 full cache on those samples.
@@ -17,19 +19,46 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from namm import jsonl
 from namm.engine import generate
 from namm.errors import NammError
 from namm.policies import BudgetSchedule, Full, Policy, make_policy
-from namm.tasks import Sample, Task
+from namm.tasks import Sample, Task, count_tokens
 
 
 def progress_bar(disable: bool = False) -> Progress:
+    """A progress bar on stderr (stdout is for results)."""
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        disable=disable, transient=False,
+        disable=disable, transient=False, console=Console(stderr=True),
     )
+
+
+def say(message: str) -> None:
+    """One line for the user on stderr (resumed records, set-aside lines)."""
+    Console(stderr=True, soft_wrap=True).print(message, markup=False, highlight=False, style="dim")
+
+
+def plural(n: int, word: str) -> str:
+    """``"1 sample"``, ``"3 samples"``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def budget_label(budget: int | float | str | None) -> str:
+    """How tables show a budget: ``"25%"`` for a fraction, ``"256 tokens"`` for a count, text as is."""
+    if isinstance(budget, float):
+        return f"{budget * 100:g}%"
+    if isinstance(budget, int) and not isinstance(budget, bool):
+        return plural(budget, "token")
+    return "-" if budget is None else str(budget)
+
+
+def _count(value: float) -> int | float:
+    """A token count as an int when it is whole (JSON shows ``16``, not ``16.0``)."""
+    return int(value) if float(value).is_integer() else value
 
 
 def mean_kept_after_steps(stats) -> float | None:
@@ -84,7 +113,7 @@ def run_sample(model, tokenizer, task: Task, sample: Sample, policy: Policy, *, 
         "answers": sample.answers,
         "score": task.score(out.text, sample),
         "prompt_tokens": s.prompt_tokens[0],
-        "kept_tokens": s.kept_tokens,
+        "kept_tokens": [[_count(v) for v in row] for row in s.kept_tokens],
         "mean_kept_tokens": mean_kept_after_steps(s),
         "kept_per_step": kept_per_step(s),
         "mean_kv_tokens": s.mean_kv_tokens,
@@ -128,21 +157,11 @@ def _check_resumable(record: dict, setting: dict, out_file: Path) -> None:
 
 
 def read_records(path: Path) -> list[dict]:
-    """Read a JSON-lines file, dropping (and truncating away) a torn last line from an interrupted write."""
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines(keepends=True)
-    records, good = [], 0
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-        good += len(line.encode())
-    if len(records) < len(lines):
-        with path.open("r+b") as f:
-            f.truncate(good)
-    return records
+    """Every valid record of a results file; unreadable lines are set aside (see :func:`namm.jsonl.read_records`)."""
+    found = jsonl.read_records(path)
+    if found.message:
+        say(found.message)
+    return found.records
 
 
 def evaluate(
@@ -150,19 +169,30 @@ def evaluate(
     out_file: Path | None = None, delay: int = 512, chunk_size: int | None = None,
     question_agnostic: bool = False, progress: bool = True, label: str | None = None,
 ) -> list[dict]:
-    """Evaluate a policy (or a per-sample policy factory) on samples; resumable through ``out_file``."""
-    done = {r["id"]: r for r in read_records(out_file)} if out_file else {}
-    records = []
+    """Evaluate a policy (or a per-sample policy factory) on samples; resumable through ``out_file``.
+
+    Every recorded sample is checked against its setting before anything runs, and the number of records
+    reused is reported on stderr.
+    """
     if out_file:
-        out_file.parent.mkdir(parents=True, exist_ok=True)
+        jsonl.writable_dir(out_file.parent)
+    done = {r["id"]: r for r in read_records(out_file) if "id" in r} if out_file else {}
+    plan = []
+    for sample in samples:
+        pol = policy(sample) if callable(policy) and not isinstance(policy, Policy) else policy
+        setting = record_setting(model, sample, pol, delay=delay, chunk_size=chunk_size,
+                                 question_agnostic=question_agnostic)
+        if sample.id in done:
+            _check_resumable(done[sample.id], setting, out_file)
+        plan.append((sample, pol, setting))
+    reused = sum(sample.id in done for sample in samples)
+    if reused:
+        say(f"resuming {out_file}: {reused} of {plural(len(samples), 'sample')} already recorded, reused")
+    records = []
     with progress_bar(disable=not progress) as bar:
         job = bar.add_task(label or task.name, total=len(samples))
-        for sample in samples:
-            pol = policy(sample) if callable(policy) and not isinstance(policy, Policy) else policy
-            setting = record_setting(model, sample, pol, delay=delay, chunk_size=chunk_size,
-                                     question_agnostic=question_agnostic)
+        for sample, pol, setting in plan:
             if sample.id in done:
-                _check_resumable(done[sample.id], setting, out_file)
                 records.append(done[sample.id])
                 bar.advance(job)
                 continue
@@ -170,8 +200,7 @@ def evaluate(
                                 question_agnostic=question_agnostic)
             record["setting"] = setting
             if out_file:
-                with out_file.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                jsonl.append_record(out_file, record)
             records.append(record)
             bar.advance(job)
     return records
@@ -195,6 +224,8 @@ class Entry:
     records: list[dict]
 
     def summary(self, full: dict[str, float]) -> dict:
+        if not self.records:
+            raise NammError(f"{self.label}: no samples to summarise.")
         scores = [r["score"] for r in self.records]
         ref = [full[r["id"]] for r in self.records]
         mean, ref_mean = statistics.fmean(scores), statistics.fmean(ref)
@@ -227,9 +258,15 @@ def compare(
     NAMM when the NAMM's cache grows over the prompt). Scores are reported absolute (x100) and relative to
     the full cache on the same samples.
     """
-    names = [p.lower() for p in policies]
-    if "full" not in names:
-        names = ["full", *names]
+    names, budgets = check_compare(policies, budgets, match_budget, namm_policy)
+    if match_budget is None:  # a token budget above a sample's context is refused before anything runs
+        for sample in samples:
+            n = count_tokens(tokenizer, sample.prompt) + sample.max_new_tokens
+            for name in names:
+                if name not in ("full", "namm"):
+                    for budget in budgets:
+                        make_policy(name, budget=budget).validate(n)
+    jsonl.writable_dir(out_dir)
     common = dict(delay=delay, chunk_size=chunk_size, question_agnostic=question_agnostic, progress=progress)
     entries: list[Entry] = []
 
@@ -241,15 +278,7 @@ def compare(
         return entry
 
     full = run("full", Full(), "100%")
-    namm_entry = None
-    if "namm" in names:
-        if namm_policy is None:
-            raise NammError("compare: the namm policy needs a checkpoint (--namm-checkpoint).")
-        namm_entry = run("namm", namm_policy, "learned")
-    if match_budget not in (None, *MATCH_MODES):
-        raise NammError(f"--match-budget must be one of {', '.join(MATCH_MODES)}, got {match_budget!r}.")
-    if match_budget is not None and namm_entry is None:
-        raise NammError(f"--match-budget {match_budget} needs namm among --policies.")
+    namm_entry = run("namm", namm_policy, "learned") if "namm" in names else None
     baselines = [n for n in names if n not in ("full", "namm")]
     if match_budget is not None and baselines:  # the same per-sample budgets for every baseline
         matched = {r["id"]: matched_budget(r, match_budget) for r in namm_entry.records}
@@ -265,15 +294,51 @@ def compare(
         else:
             for budget in budgets:
                 label = f"{name}@{budget}"
-                run(label, make_policy(name, budget=budget), str(budget))
+                run(label, make_policy(name, budget=budget), budget_label(budget))
     reference = {r["id"]: r["score"] for r in full.records}
     summary = [e.summary(reference) for e in entries]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{task.name}__results.json").write_text(json.dumps(
+    jsonl.atomic_write_text(out_dir / f"{task.name}__results.json", json.dumps(
         {"task": task.name, "samples": [s.id for s in samples], "delay": delay, "results": summary}, indent=2
     ))
-    plot_comparison(summary, out_dir / f"{task.name}__results.png", title=f"{task.name} ({len(samples)} samples)")
+    plot_comparison(summary, out_dir / f"{task.name}__results.png",
+                    title=f"{task.name} ({plural(len(samples), 'sample')})")
     return summary
+
+
+def check_compare(policies: Sequence[str], budgets: Sequence[int | float], match_budget: str | None,
+                  namm_policy: Policy | None) -> tuple[list[str], list[int | float]]:
+    """Check a comparison's settings before anything runs; returns the policy names (``full`` first, registry
+    spelling) and the budgets without repeats (``0.25`` and ``25%`` are one budget).
+
+    Raises:
+        NammError: an unknown policy, a bad budget, an unknown ``match_budget`` mode, ``namm`` without a
+            policy, a mode without ``namm``, or baselines with neither budgets nor a mode.
+    """
+    if match_budget not in (None, *MATCH_MODES):
+        raise NammError(f"--match-budget must be one of {', '.join(MATCH_MODES)}, got {match_budget!r}.")
+    names: list[str] = []
+    for p in policies:
+        name = "namm" if p.strip().lower() == "namm" else make_policy(p).name  # unknown names refused here
+        if name not in names:
+            names.append(name)
+    if "full" not in names:
+        names = ["full", *names]
+    if "namm" in names and namm_policy is None:
+        raise NammError("compare: the namm policy needs a checkpoint (--namm-checkpoint).")
+    if match_budget is not None and "namm" not in names:
+        raise NammError(f"--match-budget {match_budget} needs namm among --policies.")
+    unique: list[int | float] = []
+    for budget in budgets:  # 1 (a token) and 1.0 (100%) differ although they compare equal
+        if (type(budget), budget) not in [(type(u), u) for u in unique]:
+            unique.append(budget)
+    baselines = [n for n in names if n not in ("full", "namm")]
+    if match_budget is None and baselines:
+        if not unique:
+            raise NammError("compare: give the baselines at least one --budget (or use --match-budget).")
+        for name in baselines:
+            for budget in unique:
+                make_policy(name, budget=budget)  # a bad budget is refused here, before the full cache runs
+    return names, unique
 
 
 def plot_comparison(summary: list[dict], path: Path, title: str) -> None:

@@ -7,9 +7,12 @@ directory (``$NAMM_CACHE_DIR``, default ``~/.cache/namm``) so that later loads t
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import importlib.util
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +103,64 @@ def _dequantised_copy(bundled: BundledModel) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No progress bars from transformers or huggingface_hub while weights load (restored afterwards)."""
+    from huggingface_hub import utils as hub_utils  # noqa: PLC0415
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
+    bar_on, hub_off = hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if bar_on:
+            hf_logging.enable_progress_bar()
+        if not hub_off:
+            hub_utils.enable_progress_bars()
+
+
+def _did_you_mean(name: str) -> str:
+    """`` Did you mean 'smollm2-135m'?`` for a name close to a bundled one, else ``""``."""
+    lowered = {n.lower(): n for n in BUNDLED}
+    close = difflib.get_close_matches(str(name).lower(), list(lowered), n=1, cutoff=0.6)
+    return f" Did you mean {lowered[close[0]]!r}?" if close else ""
+
+
+def check_hub_id(name: str) -> None:
+    """Fail fast, without retries, on a model name that is not on the Hugging Face hub.
+
+    A name already in the local hub cache passes (it loads offline). Otherwise one quick request asks the
+    hub whether the model exists; a missing model, an invalid id or an unreachable hub raises a
+    :class:`NammError` naming the closest bundled model, instead of transformers' minute of retries.
+    """
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache  # noqa: PLC0415
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError  # noqa: PLC0415
+
+    bundled = ", ".join(BUNDLED)
+    what = f"{name!r} is not a bundled model ({bundled}) nor a local model directory"
+    hint = _did_you_mean(name)
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except HFValidationError:
+        raise NammError(f"{what}, and not a valid Hugging Face model id.{hint}") from None
+    if isinstance(cached, str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise NammError(f"{what}, and it is not in the local Hugging Face cache (HF_HUB_OFFLINE is set).{hint}")
+    try:
+        HfApi().model_info(name, timeout=10)
+    except GatedRepoError:
+        return  # it exists; transformers explains how to get access
+    except RepositoryNotFoundError:
+        raise NammError(f"{what}, and the Hugging Face hub has no model of that name.{hint}") from None
+    except Exception as err:  # noqa: BLE001 - no network, proxy, DNS, timeout: all mean "cannot look it up"
+        raise NammError(
+            f"{what}, and the Hugging Face hub cannot be reached to look it up ({type(err).__name__}).{hint}"
+        ) from None
+
+
 def resolve(name_or_path: str) -> str:
     """Map a bundled model name to its dequantised local copy; anything else is returned unchanged."""
     if name_or_path in BUNDLED:
@@ -130,17 +191,24 @@ def load_model(
 
     if not name_or_path or not str(name_or_path).strip():
         raise NammError("Empty model name; pass a bundled name (" + ", ".join(BUNDLED) + "), a hub id or a path.")
-    path = resolve(name_or_path)
-    local = Path(path)
+    dtype = _dtype(dtype)
+    with _quiet_loading():
+        path = resolve(name_or_path)
+    local = Path(path).expanduser()
     looks_local = local.exists() or path.startswith((".", "/", "~"))
     if looks_local and not (local / "config.json").exists():
         raise NammError(
             f"{name_or_path!r} is not a model directory (no config.json in {local}). Bundled models: "
-            + ", ".join(BUNDLED)
+            + ", ".join(BUNDLED) + "." + _did_you_mean(name_or_path)
         )
+    if looks_local:
+        path = str(local)
+    elif name_or_path not in BUNDLED:
+        check_hub_id(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype), attn_implementation="sdpa")
+        with _quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     except OSError as err:
         raise NammError(
             f"Could not load model {name_or_path!r}: not a bundled name ({', '.join(BUNDLED)}), not a local "

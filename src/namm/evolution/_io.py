@@ -1,4 +1,5 @@
-"""Crash-safe file writes: write a temporary file next to the target, fsync it, then ``os.replace``.
+"""Crash-safe file writes: write a temporary file next to the target, fsync it, then ``os.replace``
+(:func:`atomic_write_bytes` and :func:`atomic_write_text` come from :mod:`namm.jsonl`).
 
 A reader (or a run resumed after ``kill -9``) therefore sees either the old or the new content, never a
 half-written file.
@@ -13,21 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Replace ``path`` by ``data`` atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Replace ``path`` by ``text`` (UTF-8) atomically."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+from namm.jsonl import atomic_write_bytes, atomic_write_text  # noqa: F401 - one implementation, re-exported
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -62,7 +62,8 @@ def recipe_namm(recipe: Recipe, run_dir: str | Path | None = None) -> NAMM:
     """A zero-parameter NAMM with the recipe's configuration overrides and, once ``prepare_normalisation``
     has stored them in ``run_dir``, the run's frozen normalisation statistics."""
     try:
-        config = NAMMConfig.from_dict({**NAMMConfig().to_dict(), **recipe.policy})
+        # the checkpoint's cadence is the one it is evolved at (users' default --delay)
+        config = NAMMConfig.from_dict({**NAMMConfig().to_dict(), "delay": recipe.delay, **recipe.policy})
     except TypeError as err:
         raise NammError(f"recipe.policy: {err}") from err
     policy = NAMM(config)

@@ -69,8 +69,8 @@ class CMAES:
     ) -> None:
         if int(n_params) < 1:
             raise NammError(f"n_params must be >= 1, got {n_params}.")
-        if int(popsize) < 2:
-            raise NammError(f"popsize must be >= 2, got {popsize}.")
+        if int(popsize) < 3:
+            raise NammError(f"popsize must be >= 3 (pycma refuses smaller populations), got {popsize}.")
         if not sigma0 > 0:
             raise NammError(f"sigma0 must be > 0, got {sigma0}.")
         mean0 = np.zeros(n_params) if mean0 is None else np.asarray(mean0, dtype=np.float64).reshape(-1)

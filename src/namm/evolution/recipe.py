@@ -49,6 +49,8 @@ from namm.errors import NammError
 
 BACKENDS = ("local", "ray")
 METRICS = ("task", "likelihood")
+#: the smallest population pycma's CMA-ES accepts (2 fails inside pycma)
+MIN_POPULATION = 3
 
 
 @dataclass
@@ -156,7 +158,7 @@ class Recipe:
             stages=stages,
             policy=f.json_dict("policy"),
             seed=f.integer("seed", 0, minimum=0),
-            population=f.integer("population", 32, minimum=2),
+            population=f.integer("population", 32, minimum=MIN_POPULATION),
             samples_per_task=f.integer("samples_per_task", 64, minimum=1),
             sigma0=f.number("sigma0", 0.065, positive=True),
             diagonal=f.flag("diagonal", False),
@@ -181,6 +183,16 @@ class Recipe:
             raise NammError(f"recipe field 'backend': must be one of {list(BACKENDS)}, got {recipe.backend!r}.")
         if recipe.cache_weight < 0:
             raise NammError(f"recipe field 'cache_weight': must be >= 0 (0 = off), got {recipe.cache_weight}.")
+        if recipe.delay % recipe.chunk_size:
+            raise NammError(
+                f"recipe field 'chunk_size': must divide delay ({recipe.delay}) so memory steps land on chunk "
+                f"ends, got {recipe.chunk_size}."
+            )
+        if "delay" in recipe.policy and recipe.policy["delay"] != recipe.delay:
+            raise NammError(
+                f"recipe field 'policy.delay': {recipe.policy['delay']!r} differs from delay ({recipe.delay}), the "
+                "cadence the NAMM is evolved at; give one value (or drop policy.delay)."
+            )
         if recipe.members_per_batch > recipe.population:
             raise NammError(
                 f"recipe field 'members_per_batch': {recipe.members_per_batch} exceeds population {recipe.population}."
@@ -188,6 +200,31 @@ class Recipe:
         if recipe.validation is not None and recipe.validation_seed == recipe.seed:
             raise NammError(f"recipe field 'validation.seed': must differ from the training seed {recipe.seed}.")
         return recipe
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Check what :meth:`Recipe.from_dict` cannot without the task registry and the NAMM: every task name and
+    its options, and the ``policy`` overrides. Run it before a run directory is created (``namm evolve``
+    does), so a mistake never leaves a half-started run behind.
+
+    Raises:
+        NammError: naming the field, e.g. ``stages[0].tasks[1]``.
+    """
+    from namm.memory import NAMMConfig  # noqa: PLC0415 - imports torch; the recipe itself does not need it
+    from namm.tasks import get_task  # noqa: PLC0415
+
+    specs = [(f"stages[{i}].tasks[{j}]", t) for i, s in enumerate(recipe.stages) for j, t in enumerate(s.tasks)]
+    if recipe.validation is not None:
+        specs += [(f"validation.tasks[{j}]", t) for j, t in enumerate(recipe.validation.tasks)]
+    for where, spec in specs:
+        try:
+            get_task(spec.name, **spec.options)
+        except (NammError, TypeError, ValueError) as e:
+            raise NammError(f"recipe field '{where}': {e}") from None
+    try:
+        NAMMConfig.from_dict({**NAMMConfig().to_dict(), "delay": recipe.delay, **recipe.policy})
+    except (NammError, TypeError, ValueError) as e:
+        raise NammError(f"recipe field 'policy': {e}") from None
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:

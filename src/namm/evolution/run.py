@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from namm.evolution.evaluator import (
 from namm.evolution.optimizer import CMAES
 from namm.evolution.plot import plot_run
 from namm.evolution.recipe import Recipe, Stage, load_recipe
+from namm.jsonl import append_record, read_records
 
 PREPARED_MARKER = "prepared.done"
 #: recipe fields that only say where evaluations run; they may change when a run is resumed.
@@ -194,6 +196,7 @@ class _NullProgress:
 def _progress(enabled: bool):
     if not enabled:
         return _NullProgress()
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -210,6 +213,7 @@ def _progress(enabled: bool):
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
+        console=Console(stderr=True),  # stdout stays for results
     )
 
 
@@ -246,19 +250,12 @@ class _Loop:
 
     def _truncate_log(self, generation: int) -> None:
         """Drop log records of generations after the saved state (the one in flight at a crash)."""
-        if not self.log_path.exists():
-            return
-        lines = [ln for ln in self.log_path.read_text().splitlines() if ln.strip()]
-        keep = []
-        for ln in lines:
-            try:
-                rec = json.loads(ln)
-            except ValueError:  # a record cut short by a crash
-                continue
-            if rec.get("generation", 0) <= generation:
-                keep.append(ln)
-        if keep != lines:
-            atomic_write_text(self.log_path, "".join(f"{ln}\n" for ln in keep))
+        found = read_records(self.log_path)  # a record cut short by a crash is set aside in log.jsonl.bad
+        if found.message:
+            print(found.message, file=sys.stderr)
+        keep = [r for r in found.records if r.get("generation", 0) <= generation]
+        if len(keep) != len(found.records):
+            atomic_write_text(self.log_path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in keep))
 
     def _train_pools(self) -> dict[str, list[str]]:
         pools = {}
@@ -361,10 +358,7 @@ class _Loop:
         atomic_fill_dir(self.run_dir / "checkpoints" / name, fill)
 
     def _append_log(self, record: dict[str, Any]) -> None:
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(record, allow_nan=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_record(self.log_path, record, allow_nan=False)
 
     # ------------------------------------------------------------------------- loop
     def run(self) -> EvolveResult:

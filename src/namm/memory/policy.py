@@ -28,6 +28,7 @@ from namm.errors import NammError
 from namm.memory.bam import bam_scores, param_count
 from namm.memory.config import NAMMConfig, check_budget
 from namm.memory.features import CARRY_KEY, EMA_KEY, FeatureNormaliser, newest_position, step_features
+from namm.policies import register_policy
 from namm.policies.base import ALL_QUERIES, MemoryStep, Policy, allocated_tokens, mean_fraction
 from namm.policies.selection import threshold_keep, top_k_keep
 
@@ -174,6 +175,13 @@ class NAMM(Policy):
         per_layer = self.config.selection == "per_layer"
         return threshold_keep(scores, step.valid, per_layer=per_layer, always=always)
 
+    def over_budget(self, step: MemoryStep) -> bool:
+        """Budgeted mode: whether a head holds more than its budget (then a step runs at the end of the prompt,
+        so the budget holds before the answer). Threshold mode keeps its own cadence: False."""
+        if self.active_budget is None or self.collect_stats:
+            return False
+        return bool((step.valid.sum(-1) > self.budget_tokens(step)[:, None]).any())
+
     def budget_tokens(self, step: MemoryStep) -> torch.Tensor:
         """``(B,)`` tokens per head of this layer in budgeted mode (its share under the depth allocation)."""
         budget = self.active_budget
@@ -262,6 +270,9 @@ class NAMM(Policy):
         except NammError as e:
             raise NammError(f"{weights_file}: {e}") from e
         return policy
+
+
+register_policy(NAMM)
 
 
 def _resolve(name_or_dir: str | Path) -> Path:

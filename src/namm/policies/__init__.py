@@ -47,6 +47,11 @@ def make_policy(name: str, **options) -> Policy:
     return cls(**options)
 
 
+# The NAMM policy lives in namm.memory, whose modules import this package's; importing it here registers it
+# (namm.memory.policy calls register_policy), whichever of the two packages is imported first.
+import namm.memory  # noqa: E402, F401, I001
+
+
 __all__ = [
     "ALL_QUERIES",
     "H2O",

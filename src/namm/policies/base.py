@@ -209,6 +209,15 @@ class Policy:
         """
         raise NotImplementedError(f"{type(self).__name__} sets needs_probe but does not define probe_ids.")
 
+    def over_budget(self, step: MemoryStep) -> bool:
+        """Whether the layer described by ``step`` holds more tokens than the policy allows now.
+
+        Asked when the prompt ends (``step.attention`` is ``None``): if True, a memory step runs there, off
+        the ``delay`` cadence, so a budget holds before the answer is generated. Policies without a budget
+        (and learned policies, which keep their own cadence) say False.
+        """
+        return False
+
     def describe(self) -> str:
         return repr(self)
 
@@ -300,12 +309,24 @@ class BudgetPolicy(Policy):
                 "tokens), so nothing would ever be evicted. Use a smaller budget, a fraction, or the Full policy."
             )
 
+    def over_budget(self, step: MemoryStep) -> bool:
+        """True when some head holds more than its budget. A :class:`BudgetSchedule` sizes the steps of the
+        cadence it was matched to (another policy's steps), so it never asks for an extra step."""
+        if isinstance(self.budget, BudgetSchedule):
+            return False
+        return bool((step.valid.sum(dim=-1) > self.budget_tokens(step)[:, None]).any())
+
     def keep(self, step: MemoryStep, scores: torch.Tensor) -> torch.Tensor:
         return top_k_keep(scores, step.valid, self.budget_tokens(step))
 
     def describe(self) -> str:
         b = self.budget
-        b = f"{b:.0%}" if isinstance(b, float) else str(b) if isinstance(b, BudgetSchedule) else f"{b} tokens"
+        if isinstance(b, float):
+            b = f"{b * 100:g}%"
+        elif isinstance(b, BudgetSchedule):
+            b = str(b)
+        else:
+            b = f"{b} token{'s' if b != 1 else ''}"
         where = f", {self.allocation}" if self.allocation is not None else ""
         return f"{self.name} (budget {b}{where})"
 

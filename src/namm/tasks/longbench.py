@@ -20,8 +20,9 @@ Data sources (all give ``list[Sample]`` in file / split order; ``LongBenchTask.s
     If nothing matches, ``context`` and ``question`` are None.
   * LongBench's raw format: ``input``, ``context``, ``answers``, ``length``, ``dataset``, ``language``,
     ``all_classes``, ``_id``; the template is filled here and the split is exact.
-* hub (``source="hub"``): ``THUDM/LongBench`` through ``datasets``, from the hub's parquet conversion (the
-  script-based dataset no longer loads in recent ``datasets``). Needs network access.
+* hub (``source="hub"``, or ``$NAMM_LONGBENCH_SOURCE=hub``, e.g. for the command line):
+  ``THUDM/LongBench`` through ``datasets``, from the hub's parquet conversion (the script-based dataset no
+  longer loads in recent ``datasets``). Needs network access.
 
 Sample ids are the row's ``id`` (MiniLongBench) or its index in the test split as a string (raw / hub, as the
 reference's per-prompt score files). ChouBun (SakanaAI's Japanese benchmark) is out of scope: no data for it is
@@ -44,6 +45,7 @@ from namm.tasks.metrics import LONGBENCH_METRICS, first_line
 
 DEFAULT_DATA_DIR = "/work/shared/data/minilongbench"
 DATA_DIR_ENV = "NAMM_LONGBENCH_DIR"
+SOURCE_ENV = "NAMM_LONGBENCH_SOURCE"
 HUB_REPO = "THUDM/LongBench"
 HUB_REVISION = "refs/convert/parquet"
 
@@ -262,13 +264,16 @@ def load_local(task: str, directory: str | os.PathLike | None = None) -> list[Sa
     """All samples of ``task`` from ``<directory>/<task>.jsonl`` (pre-filled or raw rows), in file order."""
     folder = data_dir(directory)
     expected = (f"a folder of <task>.jsonl files, one JSON object per line, either MiniLongBench rows (id, prompt, "
-                f"answers, all_classes) or LongBench raw rows (input, context, answers, all_classes, _id). Set it "
-                f"with get_task(name, data_dir=...) or ${DATA_DIR_ENV}, or use source='hub'")
+                f"answers, all_classes) or LongBench raw rows (input, context, answers, all_classes, _id). To fix: "
+                f"`export {DATA_DIR_ENV}=/path/to/that/folder`, or `export {SOURCE_ENV}=hub` to download "
+                f"{HUB_REPO} from the Hugging Face hub (in Python: get_task({task!r}, data_dir=...) or "
+                "source='hub')")
+    origin = "" if directory else f" (from ${DATA_DIR_ENV})" if os.environ.get(DATA_DIR_ENV) else " (the default)"
     if not folder.is_dir():
-        raise NammError(f"LongBench data directory {folder} does not exist; expected {expected}.")
+        raise NammError(f"LongBench data directory {folder}{origin} does not exist; expected {expected}.")
     path = folder / f"{task}.jsonl"
     if not path.is_file():
-        raise NammError(f"No LongBench file for task {task!r}: {path} is missing; expected {expected}.")
+        raise NammError(f"No LongBench file for task {task!r}: {path}{origin} is missing; expected {expected}.")
     samples = []
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -302,9 +307,9 @@ def load_hub(task: str, revision: str = HUB_REVISION) -> list[Sample]:
     except Exception as exc:  # noqa: BLE001 - any failure (network, layout, version) gets the same advice
         raise NammError(
             f"Could not load LongBench task {task!r} from the Hugging Face hub ({HUB_REPO}, revision {revision}): "
-            f"{type(exc).__name__}: {exc}. Without hub access use local files: get_task({task!r}, data_dir=DIR) "
-            f"or ${DATA_DIR_ENV}=DIR, where DIR holds {task}.jsonl as MiniLongBench rows (id, prompt, answers, "
-            "all_classes) or LongBench's raw rows (from its data.zip)."
+            f"{type(exc).__name__}: {exc}. Without hub access use local files: `export {DATA_DIR_ENV}=DIR` (and "
+            f"unset {SOURCE_ENV}; in Python: get_task({task!r}, data_dir=DIR)), where DIR holds {task}.jsonl as "
+            "MiniLongBench rows (id, prompt, answers, all_classes) or LongBench's raw rows (from its data.zip)."
         ) from exc
     return [sample_from_raw(task, i, dict(row), "hub", f"{HUB_REPO}/{task}[{i}]") for i, row in enumerate(rows)]
 
@@ -319,18 +324,20 @@ class LongBenchTask(Task):
     Args:
         name: the LongBench task name (e.g. ``qasper``, ``passage_retrieval_en``).
         data_dir: local folder with ``<name>.jsonl`` (default: ``$NAMM_LONGBENCH_DIR`` or the MiniLongBench copy).
-        source: ``local`` or ``hub``.
+        source: ``local`` or ``hub`` (default: ``$NAMM_LONGBENCH_SOURCE``, else ``local``).
         truncate: middle-truncate prompts longer than the ``length`` given to :meth:`samples` (LongBench's
             protocol); when False such a prompt raises :class:`NammError`.
         length: default prompt-token limit for :meth:`samples` (None: no limit).
     """
 
-    def __init__(self, name: str, data_dir: str | os.PathLike | None = None, source: str = "local",
+    def __init__(self, name: str, data_dir: str | os.PathLike | None = None, source: str | None = None,
                  truncate: bool = True, length: int | None = None):
         if name not in TEMPLATES:
             raise NammError(f"Unknown LongBench task {name!r}. Valid: {', '.join(TEMPLATES)}.")
+        where = "source" if source is not None else f"${SOURCE_ENV}"
+        source = source if source is not None else os.environ.get(SOURCE_ENV) or "local"
         if source not in ("local", "hub"):
-            raise NammError(f"source must be 'local' or 'hub', got {source!r}.")
+            raise NammError(f"{where} must be 'local' or 'hub', got {source!r}.")
         self.name = name
         self.metric_name = METRICS[name]
         self.max_new_tokens = MAX_NEW_TOKENS[name]
