@@ -50,6 +50,23 @@ def test_generate_with_a_namm_checkpoint(model_dir, tmp_path):
     assert res.exit_code == 2 and "Traceback" not in res.output
 
 
+def test_generate_with_a_namm_checkpoint_at_a_budget(model_dir, tmp_path):
+    import namm
+
+    ckpt = tmp_path / "ckpt"
+    namm.NAMM(namm.NAMMConfig(delay=32)).save_pretrained(ckpt)
+    res = CliRunner().invoke(app, ["generate", "--model", str(model_dir), "--policy", "namm", "--namm-checkpoint",
+                                   str(ckpt), "--budget", "25%", "--prompt", random_prompt(80), "--max-new-tokens",
+                                   "1", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert "budget 25%" in out["policy"]
+    assert all(v == 20 for row in out["kept_tokens"] for v in row)  # the end-of-prompt step: 25% of 80 tokens
+    res = CliRunner().invoke(app, ["generate", "--model", str(model_dir), "--policy", "namm", "--namm-checkpoint",
+                                   str(ckpt), "--budget", "2.5", "--prompt", "w5"])
+    assert res.exit_code == 2 and "budget" in res.output and "Traceback" not in res.output
+
+
 def test_policies_lists_every_policy():
     res = CliRunner().invoke(app, ["policies"])
     assert res.exit_code == 0

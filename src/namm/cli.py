@@ -86,11 +86,10 @@ def build_policy(name: str, budget: str | None, options: list[str], namm_checkpo
     if name.strip().lower() == "namm":
         from namm.memory import NAMM  # noqa: PLC0415
 
-        if budget is not None:
-            raise NammError("The namm policy decides its cache size itself; drop --budget.")
         if options:
             raise NammError("The namm policy takes no --option; its settings come from --namm-checkpoint.")
-        return NAMM.from_pretrained(namm_checkpoint or "smollm2-135m")
+        # --budget runs the memory in budgeted mode: every head keeps its top-scored tokens (see NAMM.budget)
+        return NAMM.from_pretrained(namm_checkpoint or "smollm2-135m", budget=parse_budget(budget))
     if namm_checkpoint is not None:
         raise NammError(f"--namm-checkpoint applies to --policy namm only, not to {name!r}; drop one of them.")
     kwargs = parse_options(options)
