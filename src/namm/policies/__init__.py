@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from namm.errors import NammError
+from namm.policies.allocation import DepthAllocation
 from namm.policies.base import ALL_QUERIES, BudgetPolicy, BudgetSchedule, MemoryStep, Policy, Probe
 from namm.policies.classic import H2O, Full, L2Norm, Random, SnapKV, StreamingLLM
 from namm.policies.peers import TOVA, AdaKV, KVzip, PyramidKV
@@ -60,6 +61,7 @@ __all__ = [
     "AdaKV",
     "BudgetPolicy",
     "BudgetSchedule",
+    "DepthAllocation",
     "Full",
     "KVzip",
     "L2Norm",
