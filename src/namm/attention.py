@@ -16,15 +16,51 @@ Attention weights are only ever computed for the queries a policy asks for, at m
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from namm.cache import take_pending
 from namm.errors import NammError
 
 IMPLEMENTATION = "namm"
+
+# The handoff between a managed layer's ``update`` (namm.cache) and the attention call that follows it in
+# the same module: the layer hands itself over, the attention function takes it. This module owns it and
+# knows nothing of the cache's classes, so the import goes one way (cache -> attention).
+_PENDING = threading.local()
+
+
+def hand_over(layer) -> None:
+    """Called by a managed layer's ``update``: its attention call comes next (``layer.layer_idx`` names it)."""
+    _PENDING.layer = layer
+
+
+def check_nothing_pending() -> None:
+    """Raise if a layer was handed over but its attention never took it (the model is not on namm's attention)."""
+    stale = getattr(_PENDING, "layer", None)
+    if stale is not None:
+        _PENDING.layer = None
+        raise NammError(
+            f"Layer {stale.layer_idx} of the namm cache was updated but its attention did not run through "
+            "namm's attention function. Call namm.enable(model) (load_model does it) before generating."
+        )
+
+
+def take_pending(layer_idx: int):
+    """Return (and clear) the managed layer whose ``update`` ran just before this attention call, or None."""
+    layer = getattr(_PENDING, "layer", None)
+    if layer is None or layer.layer_idx != layer_idx:
+        return None
+    _PENDING.layer = None
+    return layer
+
+
+def clear_pending() -> None:
+    """Forget a pending layer (e.g. after a forward pass was interrupted by an exception)."""
+    _PENDING.layer = None
 
 
 def namm_attention(

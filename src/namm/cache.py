@@ -23,7 +23,6 @@ a memory step: each layer then keeps the probe's queries and keys and hands them
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,25 +31,16 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicLayer, get_layer_types_and_kwargs
 
+from namm.attention import attention_modules, check_nothing_pending, clear_pending, enable, hand_over
 from namm.errors import NammError
 from namm.policies.base import ALL_QUERIES, MemoryStep, Policy, Probe
 
-_PENDING = threading.local()
 _ATTENTION_CHUNK_ELEMENTS = 1 << 26  # 256 MiB of float32 logits per block of queries at a memory step
 
 
 def _lower_triangle(n: int, device) -> torch.Tensor:
     """``(n, n)`` bool, True on and below the diagonal."""
     return torch.ones(n, n, dtype=torch.bool, device=device).tril_()
-
-
-def take_pending(layer_idx: int) -> EvictingLayer | None:
-    """Return (and clear) the managed layer whose ``update`` ran just before this attention call."""
-    layer = getattr(_PENDING, "layer", None)
-    if layer is None or layer.layer_idx != layer_idx:
-        return None
-    _PENDING.layer = None
-    return layer
 
 
 def cache_argument(model) -> str:
@@ -63,11 +53,6 @@ def cache_argument(model) -> str:
     except (TypeError, ValueError):
         return "past_key_values"
     return "cache" if "cache" in params else "past_key_values"
-
-
-def clear_pending() -> None:
-    """Forget a pending layer (e.g. after a forward pass was interrupted by an exception)."""
-    _PENDING.layer = None
 
 
 @dataclass
@@ -169,13 +154,7 @@ class EvictingLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``(B, H, Q, D)`` new keys/values; return the whole storage for the attention call."""
-        if getattr(_PENDING, "layer", None) is not None:
-            stale = _PENDING.layer
-            _PENDING.layer = None
-            raise NammError(
-                f"Layer {stale.layer_idx} of the namm cache was updated but its attention did not run through "
-                "namm's attention function. Call namm.enable(model) (load_model does it) before generating."
-            )
+        check_nothing_pending()
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, h, q, _ = key_states.shape
@@ -195,7 +174,7 @@ class EvictingLayer(DynamicLayer):
             self.state[name] = torch.cat([tensor, pad], dim=2)
         self.n_seen += q
         self.owner._account(self)
-        _PENDING.layer = self
+        hand_over(self)
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -460,8 +439,6 @@ class MemoryCache(Cache):
             raise NammError(f"policy must be a namm Policy instance, got {type(policy).__name__}.")
         if not isinstance(delay, int) or delay < 1:
             raise NammError(f"delay must be a positive number of tokens, got {delay!r}.")
-        from namm.attention import attention_modules, enable  # noqa: PLC0415
-
         enable(model)
         config = model.config.get_text_config(decoder=True)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(config)

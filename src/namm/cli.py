@@ -232,14 +232,14 @@ def plural_steps(n: int) -> str:
 @app.command()
 def policies() -> None:
     """List the policies and their parameters."""
-    from namm.policies import POLICIES, policy_parameters  # noqa: PLC0415
+    from namm.policies import policy_parameters, registered  # noqa: PLC0415
 
     table = Table(title="namm policies")
     table.add_column("name")
     table.add_column("class")
     table.add_column("parameters (defaults)")
     table.add_column("description")
-    for name, cls in sorted(POLICIES.items()):
+    for name, cls in sorted(registered().items()):
         params = ", ".join(f"{k}={v!r}" for k, v in policy_parameters(cls).items())
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         table.add_row(name, cls.__name__, params or "-", doc)

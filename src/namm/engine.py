@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from namm.cache import MemoryCache, cache_argument, clear_pending
+from namm.attention import clear_pending
+from namm.cache import MemoryCache, cache_argument
 from namm.errors import NammError
 from namm.policies.base import Policy
 

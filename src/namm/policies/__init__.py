@@ -33,12 +33,34 @@ def policy_parameters(cls: type[Policy]) -> dict[str, object]:
     }
 
 
+def registered() -> dict[str, type[Policy]]:
+    """Every registered policy, the learned NAMM included.
+
+    The NAMM lives in :mod:`namm.memory`, which imports this package (and registers itself when imported);
+    this package imports it only here, at call time, so the import graph has no cycle.
+    """
+    import namm.memory  # noqa: F401, PLC0415 - registers NAMM
+
+    return POLICIES
+
+
 def make_policy(name: str, **options) -> Policy:
-    """Build a policy by registry name, e.g. ``make_policy("snapkv", budget=0.25, window=32)``."""
+    """Build a policy by registry name, e.g. ``make_policy("snapkv", budget=0.25, window=32)``.
+
+    ``make_policy("namm", checkpoint="smollm2-135m", budget=0.5)`` loads a NAMM checkpoint (the bundled one
+    by default; a missing checkpoint is an error naming what is available), never an untrained NAMM.
+    """
     key = name.lower().replace("-", "").replace("_", "")
     aliases = {"streamingllm": "streaming", "l2norm": "l2", "knorm": "l2"}
     key = aliases.get(key, key)
-    if key not in POLICIES:
+    if key == "namm":
+        from namm.memory import NAMM  # noqa: PLC0415
+
+        unknown = sorted(set(options) - {"checkpoint", "budget"})
+        if unknown:
+            raise NammError(f"Policy 'namm' has no option(s) {unknown}; its options are: ['budget', 'checkpoint'].")
+        return NAMM.from_pretrained(options.get("checkpoint", "smollm2-135m"), budget=options.get("budget"))
+    if key not in registered():
         raise NammError(f"Unknown policy {name!r}; choose one of: {', '.join(sorted(POLICIES))}.")
     cls = POLICIES[key]
     params = policy_parameters(cls)
@@ -48,9 +70,6 @@ def make_policy(name: str, **options) -> Policy:
     return cls(**options)
 
 
-# The NAMM policy lives in namm.memory, whose modules import this package's; importing it here registers it
-# (namm.memory.policy calls register_policy), whichever of the two packages is imported first.
-import namm.memory  # noqa: E402, F401, I001
 
 
 __all__ = [
@@ -75,4 +94,5 @@ __all__ = [
     "make_policy",
     "policy_parameters",
     "register_policy",
+    "registered",
 ]
