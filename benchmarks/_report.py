@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from namm.bench.leaderboard import write_section as _write_section
+
 FILLER = (
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
     "Some people like to travel by train because it is relaxing and they can read a book. "
@@ -21,14 +23,5 @@ def make_ids(tok, length: int) -> torch.Tensor:
 
 def write_section(path: Path, name: str, lines: list[str]) -> str:
     """Replace (or append) the section between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = "\n".join([start, *lines, end])
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if start in text:
-        head, rest = text.split(start, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return block
+    _write_section(path, name, lines, title="# Benchmarks")
+    return "\n".join([f"<!-- {name}:start -->", *lines, f"<!-- {name}:end -->"])

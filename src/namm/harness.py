@@ -26,6 +26,7 @@ from namm import jsonl
 from namm.engine import generate
 from namm.errors import NammError
 from namm.policies import BudgetSchedule, Full, Policy, make_policy
+from namm.scoring import gold_answer
 from namm.tasks import Sample, Task, count_tokens
 
 
@@ -95,23 +96,35 @@ def matched_budget(record: dict, mode: str) -> BudgetSchedule | int | None:
 
 
 def run_sample(model, tokenizer, task: Task, sample: Sample, policy: Policy, *, delay: int,
-               chunk_size: int | None, question_agnostic: bool) -> dict:
-    """Generate for one sample and score it; returns the JSON-able record."""
+               chunk_size: int | None, question_agnostic: bool, score_answer: bool = False) -> dict:
+    """Generate for one sample and score it; returns the JSON-able record.
+
+    With ``score_answer`` the gold answer is also scored teacher-forced after the same prefill
+    (``gold``, ``answer_logprob``, ``answer_tokens``, ``answer_nll``) and the record carries the run's time
+    split and padding share too (what ``namm bench`` records).
+    """
     if question_agnostic and sample.context is None:
         raise NammError(f"Sample {sample.id} of {task.name} has no context/question split for question-agnostic mode.")
+    gold = gold_answer(sample, task) if score_answer else None
     out = generate(
         model, tokenizer, sample.context if question_agnostic else sample.prompt, policy,
         max_new_tokens=sample.max_new_tokens, delay=delay, chunk_size=chunk_size,
-        question=sample.question if question_agnostic else None,
+        question=sample.question if question_agnostic else None, answer=gold,
+        max_answer_tokens=sample.max_new_tokens if score_answer else None,
     )
     s = out.stats
-    return {
+    record = {
         "id": sample.id,
         "task": task.name,
         "policy": policy.describe(),
         "prediction": out.text,
         "answers": sample.answers,
         "score": task.score(out.text, sample),
+    }
+    if score_answer:
+        record |= {"gold": gold, "answer_logprob": out.answer.logprob, "answer_tokens": out.answer.tokens,
+                   "answer_nll": out.answer.mean_nll}
+    record |= {
         "prompt_tokens": s.prompt_tokens[0],
         "kept_tokens": [[_count(v) for v in row] for row in s.kept_tokens],
         "mean_kept_tokens": mean_kept_after_steps(s),
@@ -122,6 +135,11 @@ def run_sample(model, tokenizer, task: Task, sample: Sample, policy: Policy, *, 
         "peak_kv_bytes": s.peak_kv_bytes,
         "seconds": s.seconds,
     }
+    if score_answer:
+        record |= {"padding_fraction": s.padding_fraction, "prefill_seconds": s.prefill_seconds,
+                   "decode_seconds": s.decode_seconds, "memory_seconds": s.memory_seconds,
+                   "probe_seconds": s.probe_seconds}
+    return record
 
 
 def _digest(text: str) -> str:

@@ -7,8 +7,8 @@ and the leaderboard (bootstrap intervals, a paired comparison, a Pareto plot).
 """
 
 from namm.bench.leaderboard import render, summarise
-from namm.bench.run import bench_sample, make_groups, run_suite
+from namm.bench.run import make_groups, run_suite
 from namm.bench.suite import Cell, Suite, TaskSpec, load_suite
 
-__all__ = ["Cell", "Suite", "TaskSpec", "bench_sample", "load_suite", "make_groups", "render", "run_suite",
+__all__ = ["Cell", "Suite", "TaskSpec", "load_suite", "make_groups", "render", "run_suite",
            "summarise"]

@@ -1,10 +1,10 @@
 """Running a suite: every cell (policy x budget) on every group (task x length x seed), one JSON line per sample.
 
 Records go to ``OUT/records/<group>__<cell>.jsonl``, appended one line per finished sample, so a run killed at
-any point resumes where it stopped: finished samples are skipped, a torn last line is dropped, and a record made
-with another setting (model, prompt, policy options or weights, cadence, mode, gold answer) is refused with a
-message rather than reused. Cells run in order (Full, then the NAMM, then the suite's list), each over every
-group, so a partial run has whole columns of the leaderboard.
+any point resumes where it stopped: finished samples are skipped, a torn line is set aside (:mod:`namm.jsonl`),
+and a record made with another setting (model, prompt, policy options or weights, cadence, mode, gold answer)
+is refused with a message rather than reused. Cells run in order (Full, then the NAMM, then the suite's list),
+each over every group, so a partial run has whole columns of the leaderboard.
 
 Each record holds the task metric (``score``) and, from the same prefill, the teacher-forced log-likelihood of
 the sample's gold answer (``answer_logprob``, ``answer_tokens``, ``answer_nll`` per token; see
@@ -15,21 +15,13 @@ forward passes included and also given as ``probe_seconds``).
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from namm import jsonl
 from namm.bench.suite import Cell, Suite, TaskSpec
-from namm.engine import generate
 from namm.errors import NammError
-from namm.harness import (
-    kept_per_step,
-    matched_budget,
-    mean_kept_after_steps,
-    progress_bar,
-    read_records,
-    record_setting,
-)
+from namm.harness import matched_budget, progress_bar, read_records, record_setting, run_sample
 from namm.policies import Full, Policy, make_policy
 from namm.scoring import gold_answer
 from namm.tasks import Sample, Task, get_task
@@ -81,52 +73,8 @@ def _digest(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def bench_sample(model, tokenizer, task: Task, sample: Sample, policy: Policy, *, delay: int, chunk_size: int,
-                 question_agnostic: bool) -> dict:
-    """Run one sample: generate, score the prediction, and score the gold answer teacher-forced (same prefill)."""
-    if question_agnostic and sample.context is None:
-        raise NammError(f"Sample {sample.id} of {task.name} has no context/question split for question-agnostic mode.")
-    gold = gold_answer(sample, task)
-    out = generate(model, tokenizer, sample.context if question_agnostic else sample.prompt, policy,
-                   max_new_tokens=sample.max_new_tokens, delay=delay, chunk_size=chunk_size,
-                   question=sample.question if question_agnostic else None, answer=gold,
-                   max_answer_tokens=sample.max_new_tokens)
-    s = out.stats
-    return {
-        "id": sample.id,
-        "task": task.name,
-        "policy": policy.describe(),
-        "prediction": out.text,
-        "answers": sample.answers,
-        "score": task.score(out.text, sample),
-        "gold": gold,
-        "answer_logprob": out.answer.logprob,
-        "answer_tokens": out.answer.tokens,
-        "answer_nll": out.answer.mean_nll,
-        "prompt_tokens": s.prompt_tokens[0],
-        "kept_tokens": s.kept_tokens,
-        "mean_kept_tokens": mean_kept_after_steps(s),
-        "kept_per_step": kept_per_step(s),
-        "mean_kv_tokens": s.mean_kv_tokens,
-        "cache_fraction": s.cache_fraction,
-        "peak_kv_tokens": s.peak_kv_tokens,
-        "peak_kv_bytes": s.peak_kv_bytes,
-        "padding_fraction": s.padding_fraction,
-        "seconds": s.seconds,
-        "prefill_seconds": s.prefill_seconds,
-        "decode_seconds": s.decode_seconds,
-        "memory_seconds": s.memory_seconds,
-        "probe_seconds": s.probe_seconds,
-    }
-
-
-def _open_records(path: Path) -> dict[str, dict]:
-    """Finished records by id; a last line without its newline (killed mid-write) is dropped."""
-    if path.exists():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with path.open("r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
+def _by_id(path: Path) -> dict[str, dict]:
+    """Finished records by id (unreadable lines, e.g. one torn by a kill, are set aside: namm.jsonl)."""
     return {r["id"]: r for r in read_records(path)}
 
 
@@ -160,7 +108,7 @@ class _Policies:
         budget = cell.budget
         if isinstance(budget, str):
             if group not in self.namm_records:
-                self.namm_records[group] = _open_records(records_file(self.out_dir, group, "namm"))
+                self.namm_records[group] = _by_id(records_file(self.out_dir, group, "namm"))
             namm_records = self.namm_records[group]
             if sample.id not in namm_records:
                 raise NammError(f"{cell.label} on {group}: the NAMM has no record of sample {sample.id} to match.")
@@ -182,7 +130,7 @@ def run_suite(suite: Suite, out_dir: Path, model, tokenizer, *, progress: bool =
         for cell in suite.cells:
             for group in groups:
                 path = records_file(out_dir, group.key, cell.label)
-                done = _open_records(path)
+                done = _by_id(path)
                 bar.update(job, description=f"{cell.label} {group.key}")
                 for sample in group.samples:
                     policy = policies(cell, group.key, sample)
@@ -193,11 +141,11 @@ def run_suite(suite: Suite, out_dir: Path, model, tokenizer, *, progress: bool =
                         _refuse(path, done[sample.id], setting)
                         bar.advance(job)
                         continue
-                    record = bench_sample(model, tokenizer, group.task, sample, policy, delay=suite.delay,
-                                          chunk_size=suite.chunk_size, question_agnostic=suite.question_agnostic)
+                    record = run_sample(model, tokenizer, group.task, sample, policy, delay=suite.delay,
+                                        chunk_size=suite.chunk_size, question_agnostic=suite.question_agnostic,
+                                        score_answer=True)
                     record["setting"] = setting
-                    with path.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
+                    jsonl.append_record(path, record)
                     computed += 1
                     bar.advance(job)
     return computed
