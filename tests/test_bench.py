@@ -99,7 +99,9 @@ def test_shipped_suites_load_and_hold_what_they_promise():
     quick, standard = load_suite("quick"), load_suite("standard")
     assert quick.cells[0].label == "full" and quick.cells[1].label == "namm"  # the NAMM before matched cells
     labels = {c.label for c in quick.cells}
-    assert {"kvzip@0.5", "adakv@0.25", "tova@0.5", "pyramidkv@0.5", "snapkv@namm-steps"} <= labels
+    assert {"kvzip@0.5", "adakv@0.25", "tova@0.5", "pyramidkv@0.5", "snapkv@namm-steps", "namm@0.25"} <= labels
+    budgeted = next(c for c in quick.cells if c.label == "namm@0.25")
+    assert budgeted.policy == "namm" and budgeted.budget == 0.25 and budgeted.checkpoint == "smollm2-135m"
     sizes = {(t.task, t.lengths): t.samples for t in standard.tasks}
     for task in ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"):
         assert sizes[(task, (2048,))] >= 32
@@ -115,7 +117,11 @@ def test_shipped_suites_load_and_hold_what_they_promise():
     ({"mode": "agnostic"}, "mode must be one of"),
     ({"policies": [{"name": "lru"}]}, "unknown policy 'lru'"),
     ({"policies": [{"name": "h2o", "budgets": [1.5]}]}, "fractional budget"),
-    ({"policies": [{"name": "h2o", "budgets": ["namm"]}]}, "no namm policy"),
+    ({"policies": [{"name": "h2o", "budgets": ["namm"]}]}, "no unbudgeted 'namm' cell"),
+    ({"policies": [{"name": "namm", "budgets": [0.5]}, {"name": "h2o", "budgets": ["namm"]}]},
+     "no unbudgeted 'namm' cell"),
+    ({"policies": [{"name": "namm", "budgets": ["namm"]}]}, "token count or a fraction"),
+    ({"policies": [{"name": "namm", "budgets": [0.5]}, {"name": "namm", "budgets": ["50%"]}]}, "listed twice"),
     ({"tasks": [{"task": "passkey", "samples": 0}]}, "samples must be"),
     ({"delay": 100, "chunk_size": 30}, "divisor"),
 ])

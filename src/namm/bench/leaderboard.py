@@ -111,7 +111,7 @@ def _comparisons(suite: Suite, records: dict, rows: list[Row]) -> list[Compariso
     for row in rows:
         if row.cell.policy == "full":
             continue
-        key = "= namm, per step" if row.cell.policy == "namm" else row.cell.budget_text
+        key = "= namm, per step" if row.cell.policy == "namm" and row.cell.budget is None else row.cell.budget_text
         by_budget.setdefault(key, []).append(row)
     out = []
     full = records.get("full", {})
@@ -168,7 +168,7 @@ def plot_pareto(rows: Sequence[Row], path: Path, title: str) -> None:
             est = np.array([iv.estimate for iv in ivs])
             low = np.array([iv.low if not math.isnan(iv.low) else iv.estimate for iv in ivs])
             high = np.array([iv.high if not math.isnan(iv.high) else iv.estimate for iv in ivs])
-            fmt = "*" if policy in ("full", "namm") else "o-"
+            fmt = "*" if policy == "full" else ("*-" if policy == "namm" else "o-")
             ax.errorbar([r.cache for r in prs], est, yerr=[est - low, high - est], fmt=fmt, capsize=3,
                         label=policy, markersize=9 if fmt == "*" else 5)
         ax.set_xlabel("mean KV cache / full cache")

@@ -93,18 +93,19 @@ class _Policies:
 
     def __init__(self, out_dir: Path):
         self.out_dir = out_dir
-        self.namm: dict[str, Policy] = {}
+        self.namm: dict[tuple, Policy] = {}
         self.namm_records: dict[str, dict[str, dict]] = {}  # group -> id -> the NAMM's record (complete by then)
 
     def __call__(self, cell: Cell, group: str, sample: Sample) -> Policy:
         if cell.policy == "full":
             return Full()
         if cell.policy == "namm":
-            if cell.checkpoint not in self.namm:
+            key = (cell.checkpoint, cell.budget)
+            if key not in self.namm:
                 from namm.memory import NAMM  # noqa: PLC0415
 
-                self.namm[cell.checkpoint] = NAMM.from_pretrained(cell.checkpoint)
-            return self.namm[cell.checkpoint]
+                self.namm[key] = NAMM.from_pretrained(cell.checkpoint, budget=cell.budget)
+            return self.namm[key]
         budget = cell.budget
         if isinstance(budget, str):
             if group not in self.namm_records:

@@ -21,7 +21,8 @@ Format (every key but ``tasks`` and ``policies`` optional)::
       - full                          # always run (the reference), listed or not
       - streaming                     # a name: runs at the suite's budgets
       - {name: snapkv, budgets: [0.25, 0.5, 256], options: {window: 32}}
-      - {name: namm, checkpoint: smollm2-135m}          # learned: no budget
+      - {name: namm, checkpoint: smollm2-135m}          # learned: the checkpoint's own cache size (or budget)
+      - {name: namm, budgets: [0.25, 0.5], label: namm}  # a budgeted NAMM: each head keeps its top scores
       - {name: h2o, budgets: [namm]}  # "namm": the NAMM's cache size after each of its memory steps, per sample
 
 A budget is a token count (``256``), a fraction (``0.25`` or ``"25%"``), ``namm`` (matched to the suite's NAMM
@@ -61,7 +62,8 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class Cell:
-    """One policy at one budget: a column of the leaderboard. ``budget`` is ``None`` for Full and the NAMM."""
+    """One policy at one budget: a column of the leaderboard. ``budget`` is ``None`` for Full and for a NAMM at
+    its checkpoint's own setting (its threshold, or the budget it was evolved with)."""
 
     label: str
     policy: str
@@ -237,10 +239,21 @@ def _cells(entries: list, default_budgets: list, path: Path) -> tuple[Cell, ...]
         if name == "full":
             continue
         if name == "namm":
-            if "budgets" in entry:
-                raise _fail(where, "the namm policy decides its cache size itself; drop 'budgets'.")
+            checkpoint = str(entry.get("checkpoint", "smollm2-135m"))
             label = str(entry.get("label", "namm"))
-            cells[label] = Cell(label, "namm", None, options, str(entry.get("checkpoint", "smollm2-135m")))
+            if "budgets" not in entry:
+                if label in cells:
+                    raise _fail(where, f"{label} is listed twice.")
+                cells[label] = Cell(label, "namm", None, options, checkpoint)
+                continue
+            budgets = entry["budgets"] if isinstance(entry["budgets"], list) else [entry["budgets"]]
+            for budget in (parse_budget(b, where) for b in budgets):
+                if isinstance(budget, str):
+                    raise _fail(where, "a NAMM's budget is a token count or a fraction, not one matched to a NAMM.")
+                cell_label = _label(label, budget)
+                if cell_label in cells:
+                    raise _fail(where, f"{cell_label} is listed twice.")
+                cells[cell_label] = Cell(cell_label, "namm", budget, options, checkpoint)
             continue
         budgets = entry.get("budgets", default_budgets)
         budgets = [parse_budget(b, where) for b in (budgets if isinstance(budgets, list) else [budgets])]
@@ -250,8 +263,8 @@ def _cells(entries: list, default_budgets: list, path: Path) -> tuple[Cell, ...]
                 raise _fail(where, f"{label} is listed twice.")
             cells[label] = Cell(label, name, budget, options)
     matched = [c for c in cells.values() if isinstance(c.budget, str)]
-    if matched and "namm" not in cells:
-        raise _fail(str(path), f"{matched[0].label} is matched to a NAMM, but the suite has no namm policy.")
+    if matched and not ("namm" in cells and cells["namm"].budget is None):
+        raise _fail(str(path), f"{matched[0].label} is matched to a NAMM, but the suite has no unbudgeted 'namm' cell.")
     # The reference first, then the NAMM (matched budgets need its records), then the listed order.
     order = sorted(cells.values(), key=lambda c: (c.policy != "full", c.policy != "namm"))
     return tuple(order)
