@@ -57,6 +57,16 @@ def test_attention_owns_the_handoff_and_imports_nothing_from_the_cache():
     assert "namm.attention" in _imports("namm.cache", modules["namm.cache"], modules, top_level=True)
 
 
+def test_the_runtime_core_knows_nothing_of_the_cache_above_it_or_of_populations():
+    """The store and the step module never reach up to the cache; no core module imports namm.evolution."""
+    modules = _modules()
+    for name in ("namm.store", "namm.step"):
+        assert "namm.cache" not in _imports(name, modules[name], modules, top_level=False), name
+    for name in ("namm.attention", "namm.cache", "namm.engine", "namm.store", "namm.step", "namm.policies.base"):
+        assert not any(m.startswith("namm.evolution") for m in _imports(name, modules[name], modules, False)), name
+    assert "namm.store" in _imports("namm.cache", modules["namm.cache"], modules, top_level=True)
+
+
 def test_make_policy_namm_loads_a_checkpoint_or_says_why_not(tmp_path):
     assert "namm" in registered()
     memory = make_policy("namm", budget=0.5)

@@ -13,6 +13,7 @@ from namm.errors import NammError
 from namm.evolution import evolve
 from namm.evolution.lm import LMEvaluator, checkpoint_writer, graded_score, prepare_normalisation
 from namm.evolution.optimizer import CMAES
+from namm.evolution.population import generate_copies
 from namm.evolution.recipe import Recipe
 from namm.evolution.subspace import Subspace
 from namm.memory import NAMMConfig, param_count
@@ -44,8 +45,8 @@ def test_answer_logprob_under_eviction_matches_copies_and_differs_from_full(toke
     model = tiny_model("qwen2")
     prompt, answer = random_prompt(90, seed=6), " w4 w5"
     policy = StreamingLLM(budget=12)
-    run = lambda pol, copies=1: namm.generate(model, tokenizer, prompt, pol, max_new_tokens=0, delay=32,  # noqa: E731
-                                              chunk_size=16, answer=answer, copies=copies)
+    run = lambda pol, copies=1: generate_copies(model, tokenizer, prompt, pol, copies, max_new_tokens=0,  # noqa: E731
+                                                delay=32, chunk_size=16, answer=answer)
     one, many, full = run(policy), run(policy, 3), run(Full())
     assert [a.logprob for a in many.answer] == pytest.approx([one.answer.logprob] * 3, abs=1e-4)
     assert one.answer.tokens == 2 and one.answer.logprob != pytest.approx(full.answer.logprob, abs=1e-3)

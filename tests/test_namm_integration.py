@@ -10,6 +10,7 @@ import namm
 from conftest import random_prompt
 from namm.memory import NAMM, NAMMConfig, param_count, unflatten
 from namm.policies import Full
+from namm.policies.base import ALL_QUERIES, StepRequest
 
 
 def cosine_age_params() -> torch.Tensor:
@@ -60,7 +61,7 @@ def test_population_rows_match_single_runs(llama, tokenizer):
 class WholeMatrixNAMM(NAMM):
     """NAMM fed the whole recomputed (B, H, Q, T) attention instead of streamed query blocks."""
 
-    streams_attention = False
+    request = StepRequest(queries=ALL_QUERIES, stream=False)
 
 
 def test_streamed_attention_equals_the_whole_matrix(llama, tokenizer):

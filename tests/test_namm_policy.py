@@ -9,7 +9,7 @@ import torch
 
 from namm.errors import NammError
 from namm.memory import NAMM, NAMMConfig, param_count
-from namm.policies.base import ALL_QUERIES, MemoryStep
+from namm.policies.base import ALL_QUERIES, MemoryStep, StepRequest
 from namm.policies.selection import threshold_keep
 
 
@@ -100,7 +100,7 @@ def test_config_from_dict_refuses_unknown_and_missing_fields():
 # ---------------------------------------------------------------------------- policy basics
 def test_policy_metadata_and_params():
     p = NAMM()
-    assert p.name == "namm" and p.query_window == ALL_QUERIES
+    assert p.name == "namm" and p.request == StepRequest(queries=ALL_QUERIES, stream=True)
     assert p.get_params().shape == (4172,) and not p.get_params().any()
     v = random_vector(0)
     p.set_params(v)

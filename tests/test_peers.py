@@ -77,7 +77,7 @@ def test_pyramidkv_budgets_fall_with_depth_and_average_to_the_budget():
 
 
 def test_peers_are_registered():
-    assert isinstance(make_policy("KVzip", budget=0.5), KVzip) and KVzip.needs_probe
+    assert isinstance(make_policy("KVzip", budget=0.5), KVzip) and KVzip.request.probe
     assert {"tova", "adakv", "pyramidkv", "kvzip"} <= set(namm.policies.POLICIES)
 
 
@@ -116,7 +116,7 @@ def test_kvzip_scores_are_the_reconstructions_max_attention_and_its_tokens_leave
     extra = tokenizer(random_prompt(9, seed=32), return_tensors="pt").input_ids
     policy = KVzip(budget=16)
     cache = namm.MemoryCache(model, policy, delay=1024)
-    cache.defer_steps = True
+    cache.hold_steps()
     model(ctx, past_key_values=cache)
     seconds = probe_step(model, tokenizer, cache, ctx, final=True)  # the question-agnostic compression point
     assert seconds > 0

@@ -130,4 +130,4 @@ def test_random_is_seeded(llama, tokenizer):
 def test_registry_lists_every_policy():
     assert set(POLICIES) >= {"full", "streaming", "h2o", "l2", "snapkv", "random"}
     assert isinstance(make_policy("StreamingLLM", budget=8), StreamingLLM)
-    assert make_policy("snapkv", budget=0.5, window=16).query_window == 16
+    assert make_policy("snapkv", budget=0.5, window=16).request.queries == 16

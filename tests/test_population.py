@@ -6,6 +6,7 @@ import torch
 
 import namm
 from conftest import random_prompt
+from namm.evolution.population import generate_copies
 
 
 def test_copies_equal_separate_runs(llama, tokenizer):
@@ -15,7 +16,7 @@ def test_copies_equal_separate_runs(llama, tokenizer):
     members = torch.randn(3, policy.n_params, generator=g) * 0.3
     members[0] = 0  # the full cache
     policy.set_population(members)
-    batch = namm.generate(llama, tokenizer, prompt, policy, max_new_tokens=6, delay=32, copies=3)
+    batch = generate_copies(llama, tokenizer, prompt, policy, 3, max_new_tokens=6, delay=32)
     assert len(batch.token_ids) == 3
     for i in range(3):
         single = namm.NAMM()

@@ -12,6 +12,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 import namm
 from conftest import random_prompt, tiny_model
 from namm.policies import H2O, Full, Policy, SnapKV
+from namm.policies.base import ALL_QUERIES, StepRequest
 
 
 def test_full_policy_reproduces_model_generate(any_model, tokenizer):
@@ -190,7 +191,7 @@ def test_recomputed_attention_equals_eager_weights(tokenizer):
     @dataclass
     class Spy(Policy):
         name = "spy"
-        query_window = 0
+        request = StepRequest(queries=ALL_QUERIES)
 
         def score(self, step):
             seen[step.layer_idx] = step.attention.clone()

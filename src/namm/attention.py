@@ -2,21 +2,31 @@
 
 ``enable(model)`` registers the ``"namm"`` attention implementation and switches the model to it.
 For every layer that a :class:`namm.cache.MemoryCache` does not manage (no cache, sliding-window
-layers, a plain ``DynamicCache``) it is exactly transformers' SDPA. For a managed layer it
+layers, a plain ``DynamicCache``) it is exactly transformers' SDPA.
 
-1. marks left-padding tokens of this call as invalid slots,
-2. runs SDPA over the layer's slots: while nothing has been evicted, with transformers' own mask
-   (so a cache that never evicts reproduces the model bit for bit); afterwards with a per-KV-head
-   boolean mask built from each slot's validity and absolute position (GQA handled by folding the
-   query heads of a group into the query axis, so keys and values are never repeated),
-3. hands the queries to the layer, which runs the policy's memory step when one is due.
+The routing of a managed layer is one way. transformers calls ``cache.update(keys, values, layer_idx)``
+and then the attention function; the cache cannot be reached from the attention function's arguments,
+so :meth:`MemoryCache.update <namm.cache.MemoryCache.update>` leaves a :class:`ManagedCall` here
+(:func:`hand_over`) and the attention function takes it (:func:`take`). The call carries two callbacks
+of the cache, and the attention function
 
+1. reads from transformers' 4-D mask which of this call's tokens are real (left padding is not),
+2. asks ``call.slot_mask(q, real)`` for the mask over the layer's slots: ``None`` while nothing has been
+   evicted (then transformers' own mask is used, so a cache that never evicts reproduces the model bit
+   for bit), else a per-KV-head boolean mask from each slot's validity and absolute position (GQA handled
+   by folding the query heads of a group into the query axis, so keys and values are never repeated),
+3. runs SDPA, and hands the queries back with ``call.attended(query, softcap)``: the cache keeps what the
+   policy asked for and runs a memory step when one is due (:mod:`namm.step`).
+
+This module knows nothing of the cache's classes: the import goes one way (cache -> attention).
 Attention weights are only ever computed for the queries a policy asks for, at memory steps.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
@@ -27,40 +37,72 @@ from namm.errors import NammError
 
 IMPLEMENTATION = "namm"
 
-# The handoff between a managed layer's ``update`` (namm.cache) and the attention call that follows it in
-# the same module: the layer hands itself over, the attention function takes it. This module owns it and
-# knows nothing of the cache's classes, so the import goes one way (cache -> attention).
+
+@dataclass(frozen=True)
+class ManagedCall:
+    """What the cache hands to the attention call of one managed layer, right after appending to it.
+
+    Attributes:
+        layer_idx: the decoder layer whose attention comes next.
+        n_seen: tokens the layer has processed, this call's ``Q`` included (its slots are the last ``Q``).
+        slot_mask: ``slot_mask(q, real)``, with this call's ``q`` tokens and ``real`` ``(B, Q)`` bool (which of
+            them are real, or ``None`` when all are), returns the ``(B, H, Q, T)`` bool mask of the slots each
+            query may attend to, or ``None`` when transformers' own mask applies (nothing evicted, no padding).
+        attended: ``attended(query, softcap)`` with the ``(B, H_q, Q, D)`` queries, after the attention.
+    """
+
+    layer_idx: int
+    n_seen: int
+    slot_mask: Callable[[int, torch.Tensor | None], torch.Tensor | None]
+    attended: Callable[[torch.Tensor, float | None], None]
+
+
+# The handoff between the cache's ``update`` and the attention call that follows it in the same module.
 _PENDING = threading.local()
 
 
-def hand_over(layer) -> None:
-    """Called by a managed layer's ``update``: its attention call comes next (``layer.layer_idx`` names it)."""
-    _PENDING.layer = layer
+def hand_over(call: ManagedCall) -> None:
+    """Called by the cache's ``update``: the attention call of ``call.layer_idx`` comes next."""
+    _PENDING.call = call
 
 
 def check_nothing_pending() -> None:
-    """Raise if a layer was handed over but its attention never took it (the model is not on namm's attention)."""
-    stale = getattr(_PENDING, "layer", None)
+    """Raise if a call was handed over but no attention took it (the model is not on namm's attention)."""
+    stale = getattr(_PENDING, "call", None)
     if stale is not None:
-        _PENDING.layer = None
+        _PENDING.call = None
         raise NammError(
             f"Layer {stale.layer_idx} of the namm cache was updated but its attention did not run through "
             "namm's attention function. Call namm.enable(model) (load_model does it) before generating."
         )
 
 
-def take_pending(layer_idx: int):
-    """Return (and clear) the managed layer whose ``update`` ran just before this attention call, or None."""
-    layer = getattr(_PENDING, "layer", None)
-    if layer is None or layer.layer_idx != layer_idx:
+def take(layer_idx: int) -> ManagedCall | None:
+    """Return (and clear) the call the cache handed over for ``layer_idx`` just before, or None."""
+    call = getattr(_PENDING, "call", None)
+    if call is None or call.layer_idx != layer_idx:
         return None
-    _PENDING.layer = None
-    return layer
+    _PENDING.call = None
+    return call
 
 
 def clear_pending() -> None:
-    """Forget a pending layer (e.g. after a forward pass was interrupted by an exception)."""
-    _PENDING.layer = None
+    """Forget a pending call (e.g. after a forward pass was interrupted by an exception)."""
+    _PENDING.call = None
+
+
+def real_tokens(attention_mask: torch.Tensor | None, n_seen: int, q: int) -> torch.Tensor | None:
+    """``(B, Q)`` bool: which of a call's ``q`` tokens (absolute positions ``n_seen - q .. n_seen - 1``) are real.
+
+    ``attention_mask`` is the 4-D mask transformers built over absolute positions, ``(B, 1, Q, n_seen)`` (bool,
+    or additive float), or ``None``; its last query row sees every real earlier token. ``None`` when every
+    token is real.
+    """
+    if attention_mask is None or attention_mask.dim() != 4:
+        return None
+    row = attention_mask[:, 0, -1, n_seen - q : n_seen]
+    real = row if row.dtype == torch.bool else row == 0
+    return None if bool(real.all()) else real
 
 
 def namm_attention(
@@ -77,18 +119,17 @@ def namm_attention(
 
     Returns the output ``(B, Q, H_q, D)`` and ``None`` (no weights).
     """
-    layer = take_pending(getattr(module, "layer_idx", -1))
-    if layer is None:
+    call = take(getattr(module, "layer_idx", -1))
+    if call is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    if kwargs.get("softcap") is not None:
-        layer.softcap = float(kwargs["softcap"])
     q = query.shape[2]
-    layer.observe_padding(attention_mask, q)
-    if layer.dense:
+    allowed = call.slot_mask(q, real_tokens(attention_mask, call.n_seen, q))
+    if allowed is None:
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     else:
-        out = _per_head_sdpa(query, key, value, layer.slot_mask(q), scaling)
-    layer.after_attention(query)
+        out = _per_head_sdpa(query, key, value, allowed, scaling)
+    softcap = kwargs.get("softcap")
+    call.attended(query, None if softcap is None else float(softcap))
     return out, None
 
 

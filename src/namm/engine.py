@@ -9,11 +9,18 @@ policy runs inside the cache (:class:`namm.cache.MemoryCache`), so the same cach
 Batches of several prompts are left-padded; padding tokens are never attended to, never counted in
 budgets and are evicted at the first memory step.
 
-Policies that score tokens by running the model (``needs_probe``, e.g. KVzip) get their memory steps from
-the engine: steps are held back during forward calls, and when one is due :func:`probe_step` runs the
-policy's probe tokens through the cache (:meth:`namm.cache.MemoryCache.probe`), which takes them out again
-and runs the steps with the probe's queries. With ``answer=`` the engine also scores a gold answer
-teacher-forced against the cache right after the prompt (:class:`AnswerScore`; no decoding needed).
+Data flows one way: the engine drives the model, the model's layers call the cache
+(:meth:`namm.cache.MemoryCache.update`), the cache runs the policy's memory steps and evicts.
+
+Policies that score tokens by running the model (a :class:`~namm.policies.base.StepRequest` with ``probe``,
+e.g. KVzip) get their memory steps from the engine: the cache holds the steps back during forward calls
+(:meth:`~namm.cache.MemoryCache.hold_steps`), and when one is due :func:`probe_step` runs the policy's probe
+tokens through the cache (:meth:`namm.cache.MemoryCache.probe`), which takes them out again and runs the steps
+with the probe's queries. With ``answer=`` the engine also scores a gold answer teacher-forced against the
+cache right after the prompt (:class:`AnswerScore`; no decoding needed).
+
+A :class:`PrefillHook` may change the cache between prefill forward calls: ``namm.evolution.population`` uses
+it to compute a prompt's prefix once and fan its cache out to one batch row per population member.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -40,14 +48,14 @@ class GenerationStats:
         kept_tokens: ``[layer][head]`` valid tokens at the end, averaged over rows.
         steps: one entry per memory step and layer: ``layer``, ``n_seen``, ``kept`` (``[row][head]``).
         mean_kv_tokens: token-weighted mean over forward calls of the mean tokens per managed head.
-        row_mean_kv_tokens: the same per batch row (per population member with ``copies``).
+        row_mean_kv_tokens: the same per batch row (per population member when a prefix was fanned out).
         peak_kv_tokens: most tokens any managed head held (just before an eviction).
         full_kv_tokens: tokens a full cache would hold at the end (prompt + generated, longest row).
         kv_bytes / mean_kv_bytes / peak_kv_bytes: key-value storage of all layers, padding included.
         padding_fraction: share of managed storage slots that are per-head compaction padding.
         prefill_seconds / decode_seconds / memory_seconds: wall-clock times (memory steps are inside
             prefill and decode).
-        probe_seconds: time of the probe forward passes of a ``needs_probe`` policy (KVzip's reconstruction),
+        probe_seconds: time of the probe forward passes of a policy that requests a probe (KVzip's reconstruction),
             inside prefill and decode; the answer scoring of ``answer=`` is not counted anywhere.
     """
 
@@ -66,7 +74,7 @@ class GenerationStats:
     prefill_seconds: float
     decode_seconds: float
     memory_seconds: float
-    probe_seconds: float = 0.0  # forward passes of a needs_probe policy's probes (inside prefill/decode)
+    probe_seconds: float = 0.0  # forward passes of a probing policy's probes (inside prefill/decode)
 
     @property
     def seconds(self) -> float:
@@ -119,11 +127,29 @@ class GenerationResult:
     token_ids: list[int] | list[list[int]]
     stats: GenerationStats
     logits: torch.Tensor | None = None  # (B, new_tokens, vocab) if return_logits
-    answer: AnswerScore | list[AnswerScore] | None = None  # with generate(answer=...): per row for copies > 1
+    answer: AnswerScore | list[AnswerScore] | None = None  # with generate(answer=...): per row for several rows
+
+
+class PrefillHook(Protocol):
+    """An extension point of :func:`generate` between its prefill forward calls.
+
+    The hook may change the cache's batch, from one row to several (``cache.batch_repeat_interleave``); every
+    later input is then broadcast to the cache's rows. ``namm.evolution.population.SharedPrefix`` is one.
+    """
+
+    def begin(self, cache: MemoryCache, input_ids: torch.Tensor) -> None:
+        """Before the first forward call; ``input_ids`` ``(B, N)`` is the whole prompt."""
+
+    def after_forward(self, cache: MemoryCache, end: int) -> None:
+        """After the prefill forward call that ended at absolute position ``end``, before the cache is measured."""
 
 
 class _Meter:
-    """Accumulates the cache size after every forward call."""
+    """Accumulates the cache size after every forward call.
+
+    Per-row sums broadcast: a batch that grew from one row (a prefix computed once, then copied to every row)
+    carries the one row's sum into every row.
+    """
 
     def __init__(self, cache: MemoryCache):
         self.cache = cache
@@ -134,11 +160,7 @@ class _Meter:
     def record(self, processed: int, n_seen: int) -> None:
         kept = self.cache.kept_tokens().float()  # (L, B, H)
         rows = kept.mean(dim=(0, 2)).cpu() * processed
-        if self.row_tokens is not None and self.row_tokens.shape == rows.shape:
-            rows = rows + self.row_tokens
-        elif self.row_tokens is not None:  # the batch grew (shared prefix copied to every row)
-            rows = rows + self.row_tokens.mean()
-        self.row_tokens = rows
+        self.row_tokens = rows if self.row_tokens is None else rows + self.row_tokens
         self.tokens += kept.mean().item() * processed
         self.full += n_seen * processed
         self.bytes += self.cache.kv_bytes() * processed
@@ -186,7 +208,7 @@ def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: fl
 
 
 def probe_step(model, tokenizer, cache: MemoryCache, history: torch.Tensor, final: bool = False) -> float:
-    """Run the memory steps of a cache whose policy ``needs_probe``: its probe first, then the steps.
+    """Run the memory steps of a cache whose policy requests a probe: its probe first, then the steps.
 
     The probe (:meth:`Policy.probe_ids` of the tokens since the previous memory step) runs through the cache in
     one forward pass, teacher-forced; the cache captures its queries and keys, takes it out again, and the due
@@ -254,9 +276,9 @@ def generate(
     return_logits: bool = False,
     ignore_eos: bool = False,
     question: str | None = None,
-    copies: int = 1,
     answer: str | None = None,
     max_answer_tokens: int | None = None,
+    prefill_hook: PrefillHook | None = None,
 ) -> GenerationResult:
     """Generate with a KV cache managed by ``policy``.
 
@@ -276,19 +298,19 @@ def generate(
         ignore_eos: always generate ``max_new_tokens`` tokens (benchmarks).
         question: question-agnostic mode (as in kvpress): ``prompt`` is the context; it is prefilled and
             compressed by a memory step in every layer before ``question`` is appended and answered.
-        copies: run one prompt as a batch of ``copies`` identical rows, e.g. one per member of a NAMM
-            population (``NAMM.set_population``). The prefix before the first memory step is the same for
-            every row, so it is computed once and its cache copied to every row.
         answer: a gold answer to score teacher-forced right after the prompt (and the question), against the
             cache as the memory steps left it; no memory step runs inside the answer. The result's ``answer``
-            holds its :class:`AnswerScore`. Decoding then starts from the same cache (``max_new_tokens=0``
-            skips it). One prompt only.
+            holds its :class:`AnswerScore` (a list when a hook made several rows). Decoding then starts from
+            the same cache (``max_new_tokens=0`` skips it). One prompt only.
         max_answer_tokens: score at most this many of the answer's first tokens.
+        prefill_hook: a :class:`PrefillHook` called between prefill forward calls (e.g. one prompt fanned
+            out to one row per NAMM population member: ``namm.evolution.population.generate_copies``).
 
     Returns:
         A :class:`GenerationResult` with the text, the generated ids and :class:`GenerationStats`.
     """
-    one_pass = chunk_size is None and not policy.evicts and policy.query_window is None
+    request = policy.request
+    one_pass = chunk_size is None and not request.evicts and not request.attention
     chunk_size = delay if chunk_size is None else chunk_size
     if not isinstance(delay, int) or isinstance(delay, bool) or delay < 1:
         raise NammError(f"delay must be a positive number of tokens, got {delay!r}.")
@@ -304,13 +326,12 @@ def generate(
         q_ids = tokenizer(question, add_special_tokens=False, return_tensors="pt")["input_ids"]
         input_ids = torch.cat([input_ids, q_ids], dim=1)
         mask = torch.ones_like(input_ids)
-    if copies < 1 or (copies > 1 and (input_ids.shape[0] != 1 or question is not None)):
-        raise NammError("copies > 1 needs a single prompt (and no question).")
-    probing = policy.needs_probe
-    if probing and (input_ids.shape[0] != 1 or copies > 1):
-        raise NammError(f"The {policy.describe()} policy needs a single prompt (no batch, copies=1).")
+    probing = request.probe
+    if probing and (input_ids.shape[0] != 1 or prefill_hook is not None):
+        raise NammError(f"The {policy.describe()} policy needs a single prompt (no batch, no prefill hook).")
     if answer is not None and input_ids.shape[0] != 1:
-        raise NammError("Scoring an answer needs a single prompt (copies= may repeat it, e.g. for a population).")
+        raise NammError("Scoring an answer needs a single prompt (a prefill hook may repeat it, e.g. for a "
+                        "population).")
     b, n = input_ids.shape
     if n == 0:
         raise NammError("Empty prompt: it has no tokens.")
@@ -329,14 +350,15 @@ def generate(
     input_ids, mask = input_ids.to(device), mask.to(device)
     padded = not bool(mask.all())
     cache = MemoryCache(model, policy, delay=delay)
-    cache.defer_steps = probing  # the engine runs them, after the probe (probe_step)
+    if probing:
+        cache.hold_steps()  # the engine runs them, after the probe (probe_step)
     probe_seconds = 0.0
     cache.auto_end_prompt = False  # the prompt ends where the prefill below ends
     cache_kw = cache_argument(model)
     meter = _Meter(cache)
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
-    def forward(ids: torch.Tensor, start: int, record: bool = True) -> torch.Tensor:
+    def forward(ids: torch.Tensor, start: int, hook: PrefillHook | None = None) -> torch.Tensor:
         end = start + ids.shape[1]
         kwargs = {}
         if padded:
@@ -349,8 +371,9 @@ def generate(
         if probing:
             seen = input_ids if end <= n else torch.cat([input_ids, torch.stack(generated, dim=1)], dim=1)
             probe_seconds += probe_step(model, tokenizer, cache, seen[:, :end])
-        if record:
-            meter.record(ids.shape[1], end)
+        if hook is not None:
+            hook.after_forward(cache, end)
+        meter.record(ids.shape[1], end)
         return out.logits[:, -1]
 
     full_mask = torch.cat([mask, mask.new_ones(b, max_new_tokens)], dim=1)
@@ -359,26 +382,18 @@ def generate(
     generated: list[torch.Tensor] = []
     t0 = time.perf_counter()
     start = 0
-    if copies > 1:
-        shared = min(n, delay)  # identical for every row until the first memory step runs
-        cache.defer_steps = True
-        while start < shared:
-            end = min(shared, (start // chunk_size + 1) * chunk_size)
-            logits = forward(input_ids[:, start:end], start, record=end < shared)
-            last, start = end - start, end
-        cache.defer_steps = False
-        cache.batch_repeat_interleave(copies)
-        cache.run_due_steps()
-        meter.record(last, start)  # the last shared chunk, counted after its memory step like any other
-        input_ids, mask, full_mask = (t.expand(copies, -1) for t in (input_ids, mask, full_mask))
-        logits = logits.expand(copies, -1)
-        b = copies
+    if prefill_hook is not None:
+        prefill_hook.begin(cache, input_ids)
     while start < n:
         end = min(n, (start // chunk_size + 1) * chunk_size)
         if start < context_len < end and question is not None:
             end = context_len
-        logits = forward(input_ids[:, start:end], start)
+        logits = forward(input_ids[:, start:end], start, prefill_hook)
         start = end
+        if cache.batch_rows != b:  # the hook fanned the one prompt row out to several
+            b = cache.batch_rows
+            input_ids, mask, full_mask = (t.expand(b, -1) for t in (input_ids, mask, full_mask))
+            logits = logits.expand(b, -1)
         if question is not None and start == context_len:
             if probing:
                 probe_seconds += probe_step(model, tokenizer, cache, input_ids[:, :start], final=True)
@@ -417,7 +432,7 @@ def generate(
     stats = _stats(cache, meter, mask, rows, prefill_seconds, decode_seconds)
     stats.probe_seconds = probe_seconds
     logits_out = torch.stack(all_logits, dim=1) if return_logits and all_logits else None
-    if batched or copies > 1:
+    if batched or b > 1:
         return GenerationResult(texts, rows, stats, logits_out, scored)
     return GenerationResult(texts[0], rows[0], stats, logits_out, scored[0] if scored else None)
 

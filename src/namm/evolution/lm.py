@@ -6,7 +6,7 @@
   four going to validation.
 * ``evaluate`` runs each sample once per batch of ``members_per_batch`` population members: one batch row
   per member (``NAMM.set_population``), the prefix before the first memory step computed once and shared
-  (``generate(copies=...)``).
+  (:func:`namm.evolution.population.generate_copies`).
 * ``metric: likelihood`` (the graded fitness): a member's score on a sample is
   ``exp(-max(0, (full log-likelihood - member log-likelihood) / answer tokens))`` of the gold answer,
   teacher-forced after the prompt (no decoding): 1 when the member's cache predicts the answer as well as
@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from namm.engine import generate
 from namm.errors import NammError
 from namm.evolution._io import atomic_write_json
 from namm.evolution.evaluator import EvalResult
+from namm.evolution.population import generate_copies
 from namm.evolution.recipe import Recipe, TaskSpec
 from namm.evolution.subspace import Subspace
 from namm.memory import NAMM, NAMMConfig
@@ -132,8 +132,9 @@ class LMEvaluator:
     # --- scoring --------------------------------------------------------------------------------------
     def _run(self, task: str, sample_id: str, policy, copies: int = 1):
         sample = self.sample(task, sample_id)
-        out = generate(self.model, self.tokenizer, sample.prompt, policy, max_new_tokens=sample.max_new_tokens,
-                       delay=self.recipe.delay, chunk_size=self.recipe.chunk_size, copies=copies)
+        out = generate_copies(self.model, self.tokenizer, sample.prompt, policy, copies,
+                              max_new_tokens=sample.max_new_tokens, delay=self.recipe.delay,
+                              chunk_size=self.recipe.chunk_size)
         texts = out.text if copies > 1 else [out.text]
         t = self.task(task)
         return [t.score(text, sample) for text in texts], out.stats
@@ -142,8 +143,8 @@ class LMEvaluator:
         """Teacher-forced log-likelihood of the gold answer, per row, and the run's statistics."""
         sample = self.sample(task, sample_id)
         cont = gold_answer(sample, self.task(task))
-        out = generate(self.model, self.tokenizer, sample.prompt, policy, max_new_tokens=0, delay=self.recipe.delay,
-                       chunk_size=self.recipe.chunk_size, copies=copies, answer=cont)
+        out = generate_copies(self.model, self.tokenizer, sample.prompt, policy, copies, max_new_tokens=0,
+                              delay=self.recipe.delay, chunk_size=self.recipe.chunk_size, answer=cont)
         scores = out.answer if isinstance(out.answer, list) else [out.answer]
         return np.array([a.logprob for a in scores]), scores[0].tokens, out.stats
 

@@ -31,7 +31,7 @@ import torch
 
 from namm.errors import NammError
 from namm.memory.config import NAMMConfig
-from namm.policies.base import MemoryStep, attention_blocks
+from namm.policies.base import MemoryStep, read_attention
 
 EMA_KEY = "namm_ema"
 CARRY_KEY = "namm_carry"
@@ -260,7 +260,7 @@ def streamed_spectrogram_ema(
     but in the query-major layout the attention comes in: each frame is a matrix product of the windowed
     DFT basis with ``n_fft`` consecutive attention rows, and each frame is folded into the EMA as soon as it
     is complete. Only one block of ``block`` queries' attention exists at a time (see
-    :meth:`namm.cache.EvictingLayer.attention_blocks`), never the whole ``(Q, T)`` matrix.
+    :func:`namm.step.recompute_attention`), never the whole ``(Q, T)`` matrix.
 
     Args:
         step: the memory step (its attention, whole or in blocks).
@@ -280,7 +280,7 @@ def streamed_spectrogram_ema(
     q = step.query_positions.shape[0]
     bounds = _query_bounds(q, pad, hop, block)
     frame = 0
-    for i, att in enumerate(attention_blocks(step, bounds)):
+    for i, att in enumerate(read_attention(step, bounds)):
         vis = att.shape[-1]
         if tail.shape[-1] < vis:  # slots the previous block's queries could not see yet: zero attention
             tail = torch.nn.functional.pad(tail, (0, vis - tail.shape[-1]))
@@ -323,8 +323,8 @@ def step_features(
         ``features`` ``(B, H, T, recency_dim + n_spec)`` float32 (zero for invalid slots),
         ``new_ema`` ``(B, H, T, n_spec)`` and ``new_carry`` ``(B, H, T, n_fft - hop)`` (zero for invalid slots).
     """
-    if (step.attention is None and step.attention_blocks is None) or step.query_positions is None:
-        raise NammError("NAMM needs the attention of every query since the previous memory step (query_window=0).")
+    if (step.attention is None and step.attention_stream is None) or step.query_positions is None:
+        raise NammError("NAMM needs the attention of every query since the previous memory step (queries='all').")
     qpos, pos, valid = step.query_positions.to(step.positions.device), step.positions, step.valid
     b, h, t = pos.shape
     q = qpos.shape[0]

@@ -29,7 +29,7 @@ from namm.memory.bam import bam_scores, param_count
 from namm.memory.config import NAMMConfig, check_budget
 from namm.memory.features import CARRY_KEY, EMA_KEY, FeatureNormaliser, newest_position, step_features
 from namm.policies import register_policy
-from namm.policies.base import ALL_QUERIES, MemoryStep, Policy, allocated_tokens, mean_fraction
+from namm.policies.base import ALL_QUERIES, MemoryStep, Policy, StepRequest, allocated_tokens, mean_fraction
 from namm.policies.selection import threshold_keep, top_k_keep
 
 CONFIG_FILE = "config.json"
@@ -75,8 +75,7 @@ class NAMM(Policy):
     """
 
     name: ClassVar[str] = "namm"
-    query_window: ClassVar[int | None] = ALL_QUERIES
-    streams_attention: ClassVar[bool] = True
+    request: ClassVar[StepRequest] = StepRequest(queries=ALL_QUERIES, stream=True)
 
     config: NAMMConfig = field(default_factory=NAMMConfig)
     params: torch.Tensor | None = field(default=None, repr=False)

@@ -9,7 +9,7 @@ import dataclasses
 
 from namm.errors import NammError
 from namm.policies.allocation import DepthAllocation
-from namm.policies.base import ALL_QUERIES, BudgetPolicy, BudgetSchedule, MemoryStep, Policy, Probe
+from namm.policies.base import ALL_QUERIES, BudgetPolicy, BudgetSchedule, MemoryStep, Policy, Probe, StepRequest
 from namm.policies.classic import H2O, Full, L2Norm, Random, SnapKV, StreamingLLM
 from namm.policies.peers import TOVA, AdaKV, KVzip, PyramidKV
 
@@ -90,6 +90,7 @@ __all__ = [
     "PyramidKV",
     "Random",
     "SnapKV",
+    "StepRequest",
     "StreamingLLM",
     "make_policy",
     "policy_parameters",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
@@ -18,8 +18,41 @@ from namm.errors import NammError
 from namm.policies.allocation import DepthAllocation, allocate
 from namm.policies.selection import top_k_keep
 
-#: ``Policy.query_window`` value asking for every query since the previous memory step.
-ALL_QUERIES = 0
+#: ``StepRequest.queries`` value asking for every query since the previous memory step.
+ALL_QUERIES: Literal["all"] = "all"
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    """What a policy asks of the runtime for its memory steps, declared once on the policy class.
+
+    Attributes:
+        queries: whose attention the step carries: ``None`` (no attention weights are ever computed),
+            ``ALL_QUERIES`` (``"all"``: every query since the previous memory step) or ``k >= 1`` (the last ``k``).
+        stream: deliver that attention as :attr:`MemoryStep.attention_stream`, block by block of queries, instead
+            of the whole ``(B, H, Q, T)`` matrix in :attr:`MemoryStep.attention` (read either with
+            :func:`read_attention`); the runtime then never builds the whole matrix.
+        probe: the policy scores tokens by running the model on extra tokens (KVzip): before each memory step the
+            engine runs :meth:`Policy.probe_ids` through the cache and the step carries a :class:`Probe`.
+        evicts: False for a policy that never evicts (``Full``): the engine may then prefill in one pass.
+    """
+
+    queries: int | Literal["all"] | None = None
+    stream: bool = False
+    probe: bool = False
+    evicts: bool = True
+
+    def __post_init__(self) -> None:
+        q = self.queries
+        if not (q is None or q == ALL_QUERIES or (isinstance(q, int) and not isinstance(q, bool) and q >= 1)):
+            raise NammError(f"StepRequest.queries must be None, {ALL_QUERIES!r} or a count >= 1, got {q!r}.")
+        if self.stream and q is None:
+            raise NammError("StepRequest(stream=True) needs queries: there is no attention to stream otherwise.")
+
+    @property
+    def attention(self) -> bool:
+        """Whether memory steps carry attention weights (and the layers keep recent queries for them)."""
+        return self.queries is not None
 
 
 @dataclass
@@ -38,20 +71,23 @@ class MemoryStep:
         valid: ``(B, H, T)`` bool, False for evicted-padding slots and left-padding tokens.
         attention: ``(B, H, Q, T)`` float32 softmax attention that the ``Q`` most recent queries gave each
             slot, averaged over the query heads sharing a KV head; rows of padding queries are zero.
-            ``None`` unless the policy sets ``query_window``.
+            ``None`` unless the policy's :class:`StepRequest` asks for queries (and not as a stream).
         query_positions: ``(Q,)`` int64 absolute positions of those queries, or ``None``.
-        attention_blocks: for a policy with ``streams_attention`` (then ``attention`` is ``None``): a callable
+        attention_stream: for a policy whose request has ``stream`` (then ``attention`` is ``None``): a callable
             taking increasing query bounds ``[0, ..., Q]`` and yielding, per range, the ``(B, H, L, V)``
             attention of those ``L`` queries over the first ``V`` slots (the later slots are in their future).
-            See :func:`attention_blocks` for a way to read either form.
+            :func:`read_attention` reads either form.
         n_seen: tokens processed so far (absolute count, padding included).
         n_real: ``(B,)`` int64, real (non-padding) tokens processed so far per row.
         state: per-token policy state, each tensor ``(B, H, T, ...)``. New slots are appended as zeros;
             the runtime gathers every entry with the kept indices. A policy may replace entries.
         managed_layers: indices of the layers the cache manages (``None``: all ``num_layers``), so a policy
             can place this layer by relative depth among them (Gemma 3: only its global layers).
-        probe: for a policy with ``needs_probe`` (KVzip): the tokens the engine ran through the cache just
+        probe: for a policy whose request has ``probe`` (KVzip): the tokens the engine ran through the cache just
             before this step (see :class:`Probe`), else ``None``.
+
+    Per-row parameters (a population of NAMM members, one per batch row) are the policy's own
+    (``NAMM.set_population``); the step carries no parameters.
     """
 
     layer_idx: int
@@ -65,8 +101,9 @@ class MemoryStep:
     n_seen: int
     n_real: torch.Tensor
     state: dict[str, torch.Tensor] = field(default_factory=dict)
-    attention_blocks: Callable[[list[int]], Iterator[torch.Tensor]] | None = None
+    attention_stream: Callable[[list[int]], Iterator[torch.Tensor]] | None = None
     managed_layers: tuple[int, ...] | None = None
+    probe: Probe | None = None
 
     @property
     def depth_rank(self) -> tuple[int, int]:
@@ -75,7 +112,6 @@ class MemoryStep:
         if self.layer_idx not in layers:
             raise NammError(f"Layer {self.layer_idx} is not among the managed layers {layers}.")
         return layers.index(self.layer_idx), len(layers)
-    probe: Probe | None = None
 
 
 @dataclass
@@ -83,9 +119,9 @@ class Probe:
     """Tokens the engine ran through the cache right before a memory step and took out again, seen from one layer.
 
     A policy that scores tokens by how the model reads them (KVzip: a "repeat the context" prompt followed by
-    the context itself) declares ``needs_probe`` and builds the tokens in :meth:`Policy.probe_ids`; the engine
-    runs them through the cache (they attend to every cached slot and, causally, to each other), the cache keeps
-    their queries and keys at each layer and removes them before the step. ``P`` probe tokens.
+    the context itself) requests ``StepRequest(probe=True)`` and builds the tokens in :meth:`Policy.probe_ids`;
+    the engine runs them through the cache (they attend to every cached slot and, causally, to each other), the
+    cache keeps their queries and keys at each layer and removes them before the step. ``P`` probe tokens.
 
     Attributes:
         queries: ``(B, H_q, P, D)`` post-RoPE queries of the probe tokens.
@@ -121,7 +157,8 @@ def probe_max_attention(step: MemoryStep, over: torch.Tensor, block: int = 256) 
     """
     probe = step.probe
     if probe is None:
-        raise NammError("This memory step carries no probe (the policy must set needs_probe and run in namm's engine).")
+        raise NammError("This memory step carries no probe (the policy must request probe=True and run in namm's "
+                        "engine).")
     b, hq, p, d = probe.queries.shape
     h = step.keys.shape[1]
     g = hq // h
@@ -143,16 +180,17 @@ def probe_max_attention(step: MemoryStep, over: torch.Tensor, block: int = 256) 
     return best
 
 
-def attention_blocks(step: MemoryStep, bounds: list[int]) -> Iterator[torch.Tensor]:
-    """The step's attention in query blocks ``bounds[i]:bounds[i+1]``, from whichever form the step carries.
+def read_attention(step: MemoryStep, bounds: list[int]) -> Iterator[torch.Tensor]:
+    """The step's attention in query blocks ``bounds[i]:bounds[i+1]``, from whichever form the step carries
+    (:attr:`MemoryStep.attention_stream` or the whole :attr:`MemoryStep.attention`).
 
     Yields ``(B, H, L, V)`` float32 blocks; slots past ``V`` got no attention from the block's queries.
     """
-    if step.attention_blocks is not None:
-        yield from step.attention_blocks(bounds)
+    if step.attention_stream is not None:
+        yield from step.attention_stream(bounds)
         return
     if step.attention is None:
-        raise NammError("This memory step carries no attention (the policy must set query_window).")
+        raise NammError("This memory step carries no attention (the policy's StepRequest must ask for queries).")
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         yield step.attention[:, :, lo:hi].float()
 
@@ -174,19 +212,11 @@ def protect(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class Policy:
     """Base class: keeps everything. Subclasses override :meth:`score` (and maybe :meth:`keep`)."""
 
-    #: How many recent queries' attention the policy needs: ``None`` (no attention weights are computed),
-    #: ``ALL_QUERIES`` (every query since the previous memory step) or ``k`` (the last ``k``).
-    query_window: ClassVar[int | None] = None
     #: Short name used by the CLI and the registry.
     name: ClassVar[str] = "base"
-    #: True for policies that read the attention block by block (:func:`attention_blocks`): the runtime then
-    #: never builds the whole ``(B, H, Q, T)`` matrix.
-    streams_attention: ClassVar[bool] = False
-    #: False for policies that never evict: the engine may then prefill in one pass (no cadence to keep).
-    evicts: ClassVar[bool] = True
-    #: True for policies that score tokens by running the model on extra tokens (KVzip): before each memory
-    #: step the engine runs :meth:`probe_ids` through the cache and the step carries a :class:`Probe`.
-    needs_probe: ClassVar[bool] = False
+    #: What the policy's memory steps need from the runtime (attention, in which form, a probe), see
+    #: :class:`StepRequest`. A subclass may make it a property of its options (SnapKV's window).
+    request: ClassVar[StepRequest] = StepRequest()
 
     def score(self, step: MemoryStep) -> torch.Tensor:
         """Return ``(B, H, T)`` float scores, higher = keep. Invalid slots are ignored."""
@@ -200,14 +230,14 @@ class Policy:
         """Raise :class:`NammError` if the policy cannot run on a context of ``context_tokens`` tokens."""
 
     def probe_ids(self, tokenizer, chunk: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
-        """The ``(1, P)`` token ids the engine runs through the cache before a memory step (``needs_probe`` only).
+        """The ``(1, P)`` token ids the engine runs through the cache before a memory step (``request.probe`` only).
 
         Args:
             tokenizer: the model's tokenizer.
             chunk: ``(1, C)`` ids of the tokens since the previous memory step (the ones the step scores).
             before: ``(1, K)`` ids of the tokens just before the chunk (empty for the first chunk).
         """
-        raise NotImplementedError(f"{type(self).__name__} sets needs_probe but does not define probe_ids.")
+        raise NotImplementedError(f"{type(self).__name__} requests a probe but does not define probe_ids.")
 
     def over_budget(self, step: MemoryStep) -> bool:
         """Whether the layer described by ``step`` holds more tokens than the policy allows now.
@@ -359,10 +389,12 @@ __all__ = [
     "BudgetSchedule",
     "MemoryStep",
     "Policy",
+    "Probe",
+    "StepRequest",
     "allocated_tokens",
     "mean_fraction",
+    "probe_max_attention",
     "protect",
+    "read_attention",
     "recent_mask",
 ]
-__all__ = ["ALL_QUERIES", "BudgetPolicy", "BudgetSchedule", "MemoryStep", "Policy", "Probe", "probe_max_attention",
-           "protect", "recent_mask"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from namm.errors import NammError
-from namm.policies.base import ALL_QUERIES, BudgetPolicy, MemoryStep, Policy, protect, recent_mask
+from namm.policies.base import ALL_QUERIES, BudgetPolicy, MemoryStep, Policy, StepRequest, protect, recent_mask
 
 
 @dataclass
@@ -20,7 +20,7 @@ class Full(Policy):
     """Keep every token (the reference full cache)."""
 
     name = "full"
-    evicts = False
+    request = StepRequest(evicts=False)
 
 
 @dataclass
@@ -51,7 +51,7 @@ class H2O(BudgetPolicy):
     """
 
     name = "h2o"
-    query_window = ALL_QUERIES
+    request = StepRequest(queries=ALL_QUERIES)
     recent_ratio: float = 0.5
 
     def score(self, step: MemoryStep) -> torch.Tensor:
@@ -96,8 +96,9 @@ class SnapKV(BudgetPolicy):
             )
 
     @property
-    def query_window(self) -> int:  # type: ignore[override]
-        return self.window
+    def request(self) -> StepRequest:  # type: ignore[override]
+        """The attention of the last ``window`` queries."""
+        return StepRequest(queries=self.window)
 
     def score(self, step: MemoryStep) -> torch.Tensor:
         b, h, _, t = step.attention.shape

@@ -3,9 +3,9 @@
 As the classic policies they keep, at every memory step, ``budget`` tokens per KV head on average; AdaKV and
 KVzip share a layer's budget between its heads by score (:func:`~namm.policies.selection.head_adaptive_keep`),
 which in namm's per-head cache is a real saving (kvpress masks the evicted keys of a full cache instead), and
-PyramidKV shares the model's budget between layers. KVzip scores tokens by running the model: it declares
-``needs_probe`` and the engine runs its reconstruction prompt through the cache before each memory step
-(see :class:`~namm.policies.base.Probe`).
+PyramidKV shares the model's budget between layers. KVzip scores tokens by running the model: it requests
+a probe (``StepRequest(probe=True)``) and the engine runs its reconstruction prompt through the cache before
+each memory step (see :class:`~namm.policies.base.Probe`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from namm.errors import NammError
-from namm.policies.base import BudgetPolicy, MemoryStep, probe_max_attention, protect, recent_mask
+from namm.policies.base import BudgetPolicy, MemoryStep, StepRequest, probe_max_attention, protect, recent_mask
 from namm.policies.classic import SnapKV
 from namm.policies.selection import head_adaptive_keep, top_k_keep
 
@@ -34,7 +34,7 @@ class TOVA(BudgetPolicy):
     """
 
     name = "tova"
-    query_window = 1
+    request = StepRequest(queries=1)
 
     def score(self, step: MemoryStep) -> torch.Tensor:
         att = step.attention[:, :, -1]  # (B, H, T): the newest query, averaged over its group's query heads
@@ -139,7 +139,7 @@ class KVzip(BudgetPolicy):
     """
 
     name = "kvzip"
-    needs_probe = True
+    request = StepRequest(probe=True)
     sinks: int = 4
     per_head: bool = False
     prompt: str = "\n\nRepeat the previous context exactly."
