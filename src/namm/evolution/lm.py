@@ -89,7 +89,7 @@ class LMEvaluator:
         self._tasks: dict[str, Task] = {}
         self._samples: dict[tuple[str, str], Sample] = {}
         self._full_logprob_path = self.run_dir / FULL_LOGPROB_FILE
-        self._full_logprob: dict[str, float] = {}
+        self._full_logprob: dict[str, list[float | int]] = {}  # "task/sample id" -> [logprob (nats), tokens]
         if self._full_logprob_path.exists():
             self._full_logprob = json.loads(self._full_logprob_path.read_text())
 
