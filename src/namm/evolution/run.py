@@ -67,13 +67,6 @@ class EvolveResult:
     best_generation: int | None
 
 
-def save_params(params: np.ndarray, path: Path) -> None:
-    """Default checkpoint writer: ``path/params.safetensors`` with the flat float64 parameter vector."""
-    from safetensors.numpy import save_file
-
-    save_file({"params": np.ascontiguousarray(params, dtype=np.float64)}, str(Path(path) / "params.safetensors"))
-
-
 def make_backend(recipe: Recipe, evaluator_factory: Callable[[], Evaluator]):
     """The recipe's backend: a :class:`LocalBackend` on ``evaluator_factory()`` or a :class:`RayBackend`."""
     if recipe.backend == "ray":
@@ -96,8 +89,8 @@ def evolve(
     evaluator_factory: Callable[[], Evaluator],
     progress: bool = True,
     *,
+    save_checkpoint: Callable[[np.ndarray, Path], None],
     prepare: Callable[[Path], None] | None = None,
-    save_checkpoint: Callable[[np.ndarray, Path], None] | None = None,
     plot: bool = True,
 ) -> EvolveResult:
     """Run (or resume) the evolution described by ``recipe`` in ``run_dir``.
@@ -112,7 +105,7 @@ def evolve(
         prepare: called once with ``run_dir`` before the first generation and before any evaluator is built
             (e.g. to gather normalisation statistics); a marker file keeps it from running again on resume.
         save_checkpoint: ``save_checkpoint(params, directory)`` fills a checkpoint directory with the
-            NAMM parameters (default: :func:`save_params`).
+            NAMM parameters (e.g. :func:`namm.evolution.lm.checkpoint_writer`).
         plot: rewrite ``fitness.png`` after every generation (``plot_run`` can draw it later too).
     """
     if not isinstance(recipe, Recipe):
@@ -126,7 +119,7 @@ def evolve(
             atomic_write_text(run_dir / PREPARED_MARKER, "prepare hook finished\n")
         backend = make_backend(recipe, evaluator_factory)
         try:
-            return _Loop(recipe, run_dir, backend, save_checkpoint or save_params, progress, plot).run()
+            return _Loop(recipe, run_dir, backend, save_checkpoint, progress, plot).run()
         finally:
             backend.close()
 
@@ -177,25 +170,8 @@ def _check_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> None:
     atomic_write_text(recipe_path, recipe.to_yaml())
 
 
-class _NullProgress:
-    """Stand-in for ``rich.progress.Progress`` when progress bars are off."""
-
-    def __enter__(self) -> _NullProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def add_task(self, *args: Any, **kwargs: Any) -> int:
-        return 0
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
 def _progress(enabled: bool):
-    if not enabled:
-        return _NullProgress()
+    """The loop's progress bar on stderr (stdout stays for results); ``enabled=False`` draws nothing."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -213,7 +189,8 @@ def _progress(enabled: bool):
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
-        console=Console(stderr=True),  # stdout stays for results
+        console=Console(stderr=True),
+        disable=not enabled,
     )
 
 
