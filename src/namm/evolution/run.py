@@ -4,8 +4,8 @@ Run directory layout::
 
     recipe.yaml                the recipe (a resumed run must be given the same one)
     prepared.done              marker: the ``prepare`` hook finished (it is not rerun on resume)
-    optimizer.safetensors      complete CMA-ES state + loop bookkeeping after the last finished generation
-    optimizer.json             human-readable mirror of the non-array part of that state
+    optimizer.json             CMA-ES state after the last finished generation (the fitness told, replayed on
+                               resume: :mod:`namm.evolution.optimizer`) + the loop's bookkeeping
     log.jsonl                  one record per finished generation
     full_scores.json           full-cache score per task and sample id (computed once)
     fitness.png                fitness / cache-fraction curves (rewritten every generation)
@@ -211,13 +211,13 @@ class _Loop:
     def _load_optimizer(self) -> tuple[CMAES, dict[str, Any]]:
         r = self.recipe
         mean0 = self.backend.initial_params()
-        if (self.run_dir / "optimizer.safetensors").exists():
+        if CMAES.saved_in(self.run_dir):
             opt, book = CMAES.load(self.run_dir)
             expected = {"n_params": len(mean0), "popsize": r.population, "diagonal": r.diagonal, "seed": r.seed,
                         "csa": r.csa}
             got = {k: opt.config.get(k, False) for k in expected}
             if got != expected:
-                raise NammError(f"{self.run_dir}/optimizer.safetensors has config {got}, the recipe needs {expected}.")
+                raise NammError(f"{self.run_dir}/optimizer.json has config {got}, the recipe needs {expected}.")
         else:
             opt, book = CMAES(len(mean0), r.population, r.sigma0, r.seed, r.diagonal, mean0, csa=r.csa), {}
         book.setdefault("best_validation", None)
