@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from namm import jsonl
+from namm.atomic import atomic_save_figure, atomic_write_text
 from namm.engine import generate
 from namm.errors import NammError
 from namm.policies import BudgetSchedule, Full, Policy, make_policy
@@ -315,7 +316,7 @@ def compare(
                 run(label, make_policy(name, budget=budget), budget_label(budget))
     reference = {r["id"]: r["score"] for r in full.records}
     summary = [e.summary(reference) for e in entries]
-    jsonl.atomic_write_text(out_dir / f"{task.name}__results.json", json.dumps(
+    atomic_write_text(out_dir / f"{task.name}__results.json", json.dumps(
         {"task": task.name, "samples": [s.id for s in samples], "delay": delay, "results": summary}, indent=2
     ))
     plot_comparison(summary, out_dir / f"{task.name}__results.png",
@@ -381,5 +382,5 @@ def plot_comparison(summary: list[dict], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_save_figure(fig, path, dpi=120)
     plt.close(fig)

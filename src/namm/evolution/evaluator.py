@@ -20,8 +20,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from namm.atomic import atomic_write_json
 from namm.errors import NammError
-from namm.evolution._io import atomic_write_json
 
 EPS = 1e-7
 SPLITS = ("train", "validation")

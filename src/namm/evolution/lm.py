@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from namm.atomic import atomic_fill_dir, atomic_write_json
 from namm.engine import generate
 from namm.errors import NammError
-from namm.evolution._io import atomic_write_json
 from namm.evolution.evaluator import EvalResult
 from namm.evolution.recipe import Recipe, TaskSpec
 from namm.evolution.subspace import Subspace
@@ -225,7 +225,7 @@ def prepare_normalisation(recipe: Recipe, run_dir: Path, samples_per_task: int =
             f"than delay={recipe.delay}. Use longer prompts or a smaller delay."
         )
     policy.freeze_stats()
-    policy.save_pretrained(run_dir / NORMALISATION_DIR)
+    atomic_fill_dir(run_dir / NORMALISATION_DIR, policy.save_pretrained)  # a whole checkpoint, or none
     if evaluator is not None:
         evaluator.policy.normaliser = policy.normaliser
 

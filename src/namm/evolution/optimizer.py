@@ -48,8 +48,8 @@ from typing import Any
 import cma
 import numpy as np
 
+from namm.atomic import atomic_write_json
 from namm.errors import NammError
-from namm.evolution._io import atomic_write_json
 
 FORMAT = "namm-cmaes-v2"
 LEGACY_FORMAT = "namm-cmaes-v1"

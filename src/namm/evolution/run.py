@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from namm.atomic import atomic_fill_dir, atomic_write_json, atomic_write_text
 from namm.errors import NammError
-from namm.evolution._io import atomic_fill_dir, atomic_write_json, atomic_write_text
 from namm.evolution.backends import LocalBackend, RayBackend
 from namm.evolution.evaluator import (
     Evaluator,
