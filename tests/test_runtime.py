@@ -147,11 +147,17 @@ def test_left_padded_batch_matches_single_prompts(tokenizer):
         single = namm.generate(model, tokenizer, p, Full(), max_new_tokens=8, delay=32)
         assert batch.token_ids[i] == single.token_ids
     evicting = namm.generate(model, tokenizer, prompts, H2O(budget=16), max_new_tokens=8, delay=32)
-    for i, p in enumerate(prompts):
-        single = namm.generate(model, tokenizer, p, H2O(budget=16), max_new_tokens=8, delay=32)
-        assert evicting.stats.prompt_tokens[i] == single.stats.prompt_tokens[0]
-    # padding never counts as a kept token: after the first step each row holds at most the budget + new tokens
-    assert max(max(s["kept"][1]) for s in evicting.stats.steps) <= 16
+    assert evicting.stats.prompt_tokens == [70, 45]
+    # the unpadded row evicts and generates exactly as it does alone
+    alone = namm.generate(model, tokenizer, prompts[0], H2O(budget=16), max_new_tokens=8, delay=32)
+    assert evicting.token_ids[0] == alone.token_ids
+    assert [(s["layer"], s["n_seen"], s["kept"][0]) for s in evicting.stats.steps] == [
+        (s["layer"], s["n_seen"], s["kept"][0]) for s in alone.stats.steps]
+    # padding never counts as a kept token: the padded row (25 pads) keeps min(budget, its real tokens) per head
+    steps = evicting.stats.steps
+    assert sorted({s["n_seen"] for s in steps}) == [32, 64, 70] and len(steps) == 9
+    for s in steps:
+        assert s["kept"][1] == [min(16, s["n_seen"] - 25)] * 2, s  # 7 real tokens at the step at 32
 
 
 def test_chunked_prefill_memory_steps_land_on_multiples(llama, tokenizer):
@@ -193,7 +199,7 @@ def test_recomputed_attention_equals_eager_weights(tokenizer):
         query_window = 0
 
         def score(self, step):
-            seen[step.layer_idx] = step.attention.clone()
+            seen[(step.layer_idx, step.n_seen)] = step.attention.clone()
             return super().score(step)
 
     cache = namm.MemoryCache(model, Spy(), delay=16)
@@ -205,7 +211,10 @@ def test_recomputed_attention_equals_eager_weights(tokenizer):
             eager = model(ids, output_attentions=True).attentions
         finally:
             model.set_attn_implementation("namm")
-    for layer, attn in seen.items():
+    layers = model.config.num_hidden_layers
+    assert {layer for layer, n_seen in seen if n_seen == 48} == set(range(layers))  # the spy ran on every layer
+    for layer in range(layers):
+        attn = seen[(layer, 48)]
         ref = eager[layer][:, :, 32:48]  # (B, H_q, Q, T)
         ref = ref.view(1, 2, 2, 16, 48).mean(dim=2)
         torch.testing.assert_close(attn, ref, rtol=1e-5, atol=1e-6)
