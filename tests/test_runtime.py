@@ -10,7 +10,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import namm
-from conftest import random_prompt, tiny_model
+from conftest import random_prompt, tiny_model, with_cache
 from namm.policies import H2O, Full, Policy, SnapKV
 
 
@@ -32,10 +32,10 @@ def test_cache_works_inside_model_generate(llama, tokenizer):
     ids = tokenizer(random_prompt(70, seed=3), return_tensors="pt").input_ids
     ref = llama.generate(ids, max_new_tokens=10, do_sample=False)
     cache = namm.MemoryCache(llama, Full(), delay=16)
-    out = llama.generate(ids, max_new_tokens=10, do_sample=False, past_key_values=cache)
+    out = llama.generate(ids, max_new_tokens=10, do_sample=False, **with_cache(llama, cache))
     assert torch.equal(ref, out)
     evicting = namm.MemoryCache(llama, H2O(budget=24), delay=16)
-    llama.generate(ids, max_new_tokens=20, do_sample=False, past_key_values=evicting)
+    llama.generate(ids, max_new_tokens=20, do_sample=False, **with_cache(llama, evicting))
     kept = evicting.kept_tokens()
     assert evicting.get_seq_length() == ids.shape[1] + 19
     assert int(kept.max()) < ids.shape[1]  # something was evicted at the decoding-time memory steps
@@ -103,12 +103,12 @@ def test_eviction_equals_masking_that_head(kind, tokenizer):
     extra = tokenizer(random_prompt(9, seed=8), return_tensors="pt").input_ids
     cache = namm.MemoryCache(model, EvictGiven(hide=hide, when=64), delay=32)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **with_cache(model, cache))
         assert not cache.layers[0].dense
         kept = cache.kept_tokens()
         assert kept[0, 0, 1] == 64 - 20 and kept[1, 0, 0] == 64 - 35 and kept[2, 0, 1] == 64 - 45
-        got = torch.cat([model(extra[:, i : i + 1], past_key_values=cache).logits for i in range(4)], dim=1)
-        got = torch.cat([got, model(extra[:, 4:], past_key_values=cache).logits], dim=1)
+        got = torch.cat([model(extra[:, i : i + 1], **with_cache(model, cache)).logits for i in range(4)], dim=1)
+        got = torch.cat([got, model(extra[:, 4:], **with_cache(model, cache)).logits], dim=1)
         HIDDEN.clear()
         HIDDEN.update({key: (64, pos) for key, pos in hide.items()})
         model.set_attn_implementation("head_masked")
@@ -128,7 +128,7 @@ def test_positions_survive_eviction(llama, tokenizer):
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         for start in range(0, 96, 32):
-            llama(ids[:, start : start + 32], past_key_values=cache)
+            llama(ids[:, start : start + 32], **with_cache(llama, cache))
     for layer in cache.managed:
         pos = layer.positions.masked_fill(~layer.valid, -1)
         # kept positions are increasing within each head, the newest window survived, nothing moved
@@ -178,7 +178,7 @@ def test_a_budget_holds_before_decoding_on_a_prompt_shorter_than_the_cadence(pol
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     cache = namm.MemoryCache(llama, policy, delay=512)
     seen = []
-    llama.generate(ids, max_new_tokens=3, do_sample=False, **{namm.cache.cache_argument(llama): cache},
+    llama.generate(ids, max_new_tokens=3, do_sample=False, **with_cache(llama, cache),
                    logits_processor=[lambda _ids, scores: seen.append(int(cache.kept_tokens().max())) or scores])
     assert [s.n_seen for s in cache.stats.steps] == [40] * 3
     assert seen[1:] == [budget + 1, budget + 2]  # after the prompt, the cache grows from the budget
@@ -204,8 +204,8 @@ def test_recomputed_attention_equals_eager_weights(tokenizer):
 
     cache = namm.MemoryCache(model, Spy(), delay=16)
     with torch.no_grad():
-        model(ids[:, :32], past_key_values=cache)
-        model(ids[:, 32:], past_key_values=cache)  # the step at 48 sees queries 32..47
+        model(ids[:, :32], **with_cache(model, cache))
+        model(ids[:, 32:], **with_cache(model, cache))  # the step at 48 sees queries 32..47
         model.set_attn_implementation("eager")
         try:
             eager = model(ids, output_attentions=True).attentions
