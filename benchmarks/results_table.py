@@ -13,6 +13,8 @@ from pathlib import Path
 
 from _report import write_section
 
+from namm.atomic import atomic_write_bytes
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
@@ -45,7 +47,7 @@ def main() -> None:
         if png.exists():
             target = args.out.parent / "results" / f"{args.name}-{png.name.replace('__results', '')}"
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(png.read_bytes())
+            atomic_write_bytes(target, png.read_bytes())
             lines.append(f"![{file.stem}](results/{target.name})")
     print(write_section(args.out, args.name, lines))
 

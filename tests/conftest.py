@@ -97,6 +97,14 @@ def random_prompt(n: int, seed: int = 0) -> str:
     return " ".join(f"w{int(i)}" for i in torch.randint(3, VOCAB, (n,), generator=g))
 
 
+def with_cache(model, cache) -> dict:
+    """The keyword argument that hands ``cache`` to ``model``'s forward or ``generate``: ``cache=`` where this
+    transformers version takes it, ``past_key_values=`` before (so our own calls raise no deprecation warning)."""
+    from namm.cache import cache_argument  # noqa: PLC0415
+
+    return {cache_argument(model): cache}
+
+
 def unwritable_dir(tmp_path: Path) -> Path:
     """A directory no file can be written into: a read-only folder, or (as root, who ignores modes) /sys."""
     ro = tmp_path / "read-only"

@@ -30,9 +30,13 @@ def test_generate_json_reports_the_cache(model_dir, tmp_path):
                                    "--delay", "32", "--prompt-file", str(prompt), "--max-new-tokens", "5", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert {"text", "kept_tokens", "total_tokens", "kv_bytes", "peak_kv_bytes", "seconds"} <= set(out)
+    assert {"text", "kept_tokens_at_end", "total_tokens", "kv_bytes", "peak_kv_bytes", "seconds"} <= set(out)
     assert out["total_tokens"] == 125
-    assert len(out["kept_tokens"]) == 3 and all(v <= 16 + 32 for row in out["kept_tokens"] for v in row)
+    kept = out["kept_tokens_at_end"]
+    assert len(kept) == 3 and all(v <= 16 + 32 for row in kept for v in row)
+    assert out["mean_kept_tokens_at_end"] == sum(map(sum, kept)) / sum(map(len, kept))
+    assert out["memory_steps"] == [32, 64, 96, 120] and out["summary_version"] == 2
+    assert out["mean_kept_tokens_after_steps"] == 16  # the budget, right after every step
     assert out["peak_kv_bytes"] >= out["kv_bytes"] and out["peak_kv_tokens"] == 16 + 32
 
 
@@ -40,11 +44,15 @@ def test_generate_with_a_namm_checkpoint(model_dir, tmp_path):
     import namm
 
     ckpt = tmp_path / "ckpt"
-    namm.NAMM().save_pretrained(ckpt)
+    saved = namm.NAMM(namm.NAMMConfig(selection="per_head"))  # not the default: the checkpoint must be what runs
+    saved.save_pretrained(ckpt)
     res = CliRunner().invoke(app, ["generate", "--model", str(model_dir), "--policy", "namm", "--namm-checkpoint",
                                    str(ckpt), "--delay", "32", "--prompt", random_prompt(70), "--json"])
     assert res.exit_code == 0, res.output
-    assert "namm" in json.loads(res.stdout.strip().splitlines()[-1])["policy"]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["policy"] == saved.describe() and "per_head selection" in out["policy"]
+    assert out["memory_steps"] == [32, 64, 96, 128]  # the NAMM ran its memory steps at --delay
+    assert len(out["mean_kept_tokens_after_each_step"]) == 4
     res = CliRunner().invoke(app, ["generate", "--model", str(model_dir), "--policy", "namm", "--namm-checkpoint",
                                    str(tmp_path / "missing"), "--prompt", "w5"])
     assert res.exit_code == 2 and "Traceback" not in res.output
@@ -61,17 +69,22 @@ def test_generate_with_a_namm_checkpoint_at_a_budget(model_dir, tmp_path):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert "budget 25%" in out["policy"]
-    assert all(v == 20 for row in out["kept_tokens"] for v in row)  # the end-of-prompt step: 25% of 80 tokens
+    assert all(v == 20 for row in out["kept_tokens_at_end"] for v in row)  # the end-of-prompt step: 25% of 80 tokens
     res = CliRunner().invoke(app, ["generate", "--model", str(model_dir), "--policy", "namm", "--namm-checkpoint",
                                    str(ckpt), "--budget", "2.5", "--prompt", "w5"])
     assert res.exit_code == 2 and "budget" in res.output and "Traceback" not in res.output
 
 
 def test_policies_lists_every_policy():
+    from namm.policies import registered
+
     res = CliRunner().invoke(app, ["policies"])
     assert res.exit_code == 0
-    for name in ["full", "streaming", "h2o", "l2", "snapkv", "random", "namm"]:
-        assert name in res.stdout
+    lines = [line for line in res.stdout.splitlines() if line.startswith("│")]  # the table's body
+    cells = [[c.strip() for c in line.strip("│").split("│")] for line in lines]
+    rows = [(name, cls) for name, cls, *_ in cells if name]  # continuation lines of wrapped cells have no name
+    assert rows == sorted((name, cls.__name__) for name, cls in registered().items())
+    assert {"full", "streaming", "h2o", "l2", "snapkv", "random", "namm"} <= {name for name, _ in rows}
 
 
 # --- every mistake: one line, exit code 2, before any model loads or any file is written ----------------------
@@ -248,7 +261,7 @@ def test_generate_honours_a_budget_on_a_prompt_shorter_than_the_cadence(model_di
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["delay"] == 512 and out["memory_steps"] == [120]  # the step at the end of the prompt
-    assert all(isinstance(v, int) and v <= 16 for row in out["kept_tokens"] for v in row)
+    assert all(isinstance(v, int) and v <= 16 for row in out["kept_tokens_at_end"] for v in row)
     assert out["policy"] == "h2o (budget 16 tokens)"
 
 

@@ -115,7 +115,7 @@ def _run(recipe, path, crash_after: int | None = None):
             return inner(*args)
 
         ev.evaluate = evaluate
-    return evolve(r, path, (path / "optimizer.safetensors").exists(), lambda: ev, progress=False,
+    return evolve(r, path, (path / "optimizer.json").exists(), lambda: ev, progress=False,
                   prepare=lambda p: prepare_normalisation(r, p, samples_per_task=2, evaluator=ev),
                   save_checkpoint=checkpoint_writer(r, path))
 

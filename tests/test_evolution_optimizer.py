@@ -1,4 +1,4 @@
-"""CMA-ES wrapper: reference settings, maximisation, and exact pickle-free save/restore."""
+"""CMA-ES wrapper: reference settings, maximisation, and exact save/restore by replay (no pickle)."""
 
 from __future__ import annotations
 
@@ -24,12 +24,10 @@ def _step(opt: CMAES) -> np.ndarray:
 
 
 def _same_state(a: CMAES, b: CMAES) -> None:
-    ta, ma = a.state_dict()
-    tb, mb = b.state_dict()
-    assert ma == mb
-    assert ta.keys() == tb.keys()
-    for k in ta:
-        assert ta[k].dtype == tb[k].dtype and np.array_equal(ta[k], tb[k]), k
+    assert a.state_dict() == b.state_dict()
+    assert a.digest() == b.digest()
+    assert np.array_equal(a._es.pc, b._es.pc) and np.array_equal(a._es.adapt_sigma.ps, b._es.adapt_sigma.ps)
+    assert np.array_equal(a._rng_state[1], b._rng_state[1]) and a._rng_state[2:] == b._rng_state[2:]
 
 
 @pytest.mark.parametrize("diagonal", [False, True])
@@ -62,32 +60,66 @@ def test_resume_from_disk_is_exact(tmp_path, diagonal):
     assert last.shape == (8, 12)
 
 
-def test_files_are_safe_formats(tmp_path):
+def test_state_is_one_plain_json_file(tmp_path):
     opt = CMAES(6, 4, seed=1)
-    _step(opt)
+    x = _step(opt)
     opt.save(tmp_path)
-    meta = json.loads((tmp_path / "optimizer.json").read_text())
-    assert meta["format"] == "namm-cmaes-v1" and meta["config"]["popsize"] == 4
-    from safetensors.numpy import load_file
-
-    tensors = load_file(str(tmp_path / "optimizer.safetensors"))
-    assert np.array_equal(tensors["cma/mean"], opt.mean)
-    assert tensors["rng/mt19937_keys"].shape == (624,)
-    assert not list(tmp_path.glob("*.pkl")) and not list(tmp_path.glob(".*tmp"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["optimizer.json"]  # no pickle, no temporary left
+    state = json.loads((tmp_path / "optimizer.json").read_text())
+    assert state["format"] == "namm-cmaes-v2" and state["config"]["popsize"] == 4
+    assert state["generations"] == [{"asks": 1, "fitness": _fit(x).tolist()}] and state["mean0"] == [0.0] * 6
+    assert state["digest"] == opt.digest()
 
 
-def test_stale_json_mirror_is_repaired(tmp_path):
-    """A crash between the two writes leaves a new .safetensors and an old .json: the former wins."""
-    opt = CMAES(6, 4, seed=2)
-    _step(opt)
+def test_refuses_files_it_did_not_write(tmp_path):
+    opt = CMAES(6, 4, seed=1)
+    for _ in range(3):
+        _step(opt)
     opt.save(tmp_path)
-    stale = (tmp_path / "optimizer.json").read_text()
-    _step(opt)
-    opt.save(tmp_path)
-    (tmp_path / "optimizer.json").write_text(stale)
-    loaded, _ = CMAES.load(tmp_path)
-    assert loaded.generation == 2 and np.array_equal(loaded.mean, opt.mean)
-    assert json.loads((tmp_path / "optimizer.json").read_text())["state"] == opt.state_dict()[1]["state"]
+    path = tmp_path / "optimizer.json"
+    state = json.loads(path.read_text())
+    tampered = json.loads(path.read_text())
+    tampered["generations"][1]["fitness"].reverse()  # CMA-ES is rank-based: another order is another state
+    path.write_text(json.dumps(tampered))
+    with pytest.raises(NammError, match="does not reproduce its digest"):
+        CMAES.load(tmp_path)
+    for broken, match in [({**state, "format": "something"}, "not written by namm"),
+                          ({**state, "generations": [{"asks": 1, "fitness": [1.0]}]}, "malformed"),
+                          ({**state, "mean0": [1.0] * 6}, "digest"),
+                          ({**state, "config": {"n_params": 6, "popsize": 4, "evil": 1}}, "invalid config")]:
+        path.write_text(json.dumps(broken))
+        with pytest.raises(NammError, match=match):
+            CMAES.load(tmp_path)
+    path.write_text("not json")
+    with pytest.raises(NammError, match="not readable JSON"):
+        CMAES.load(tmp_path)
+
+
+def test_legacy_state_is_refused_with_the_commit_to_resume_with(tmp_path):
+    (tmp_path / "optimizer.json").write_text(json.dumps({"format": "namm-cmaes-v1", "config": {}}))
+    (tmp_path / "optimizer.safetensors").write_bytes(b"old")
+    assert CMAES.saved_in(tmp_path)
+    with pytest.raises(NammError, match=r"namm-cmaes-v1 .* at commit b1019d4 \(git checkout b1019d4\)") as err:
+        CMAES.load(tmp_path)
+    assert "\n" not in str(err.value)
+    (tmp_path / "optimizer.json").unlink()  # the safetensors file alone is refused the same way
+    with pytest.raises(NammError, match="b1019d4"):
+        CMAES.load(tmp_path)
+
+
+def test_pending_asks_and_repeated_asks_are_replayed(tmp_path):
+    straight = CMAES(5, 4, seed=7)
+    straight.ask()  # a discarded population
+    _step(straight)
+    pending = straight.ask()
+    straight.save(tmp_path)
+    resumed, _ = CMAES.load(tmp_path)
+    _same_state(resumed, straight)
+    resumed.tell(pending, _fit(pending))  # the pending population can still be told
+    straight.tell(pending, _fit(pending))
+    _same_state(resumed, straight)
+    with pytest.raises(NammError, match="last ask"):
+        resumed.tell(pending, _fit(pending))
 
 
 def test_global_rng_is_neither_used_nor_disturbing():
@@ -135,10 +167,15 @@ def test_bad_arguments_and_mismatched_state(tmp_path):
     x = opt.ask()
     with pytest.raises(NammError, match="non-finite"):
         opt.tell(x, np.array([0.0, np.nan, 1.0, 2.0]))
-    tensors, meta = opt.state_dict()
+    opt.tell(x, np.arange(4.0))
+    state = opt.state_dict()
     with pytest.raises(NammError, match="config"):
-        CMAES(5, 6).load_state_dict(tensors, meta)
+        CMAES(5, 6).load_state_dict(state)
+    with pytest.raises(NammError, match="fresh optimizer"):
+        opt.load_state_dict(state)
+    with pytest.raises(NammError, match="initial mean"):
+        CMAES(5, 4, mean0=np.ones(5)).load_state_dict(state)
     with pytest.raises(NammError, match="pycma 0.1"):
-        CMAES(5, 4).load_state_dict(tensors, {**meta, "pycma_version": "0.1"})
+        CMAES(5, 4).load_state_dict({**state, "pycma_version": "0.1", "digest": "0" * 64})
     with pytest.raises(NammError, match="No optimizer state"):
         CMAES.load(tmp_path)

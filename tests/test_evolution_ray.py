@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import ray
 
-from namm.evolution import LocalBackend, QuadraticEvaluator, RayBackend, Recipe, evolve, fitness, read_log
+import toy_evolution
+from namm.evolution import LocalBackend, RayBackend, Recipe, evolve, fitness, read_log
+from toy_evolution import QuadraticEvaluator, save_params
 
 N = 10
 FACTORY = functools.partial(QuadraticEvaluator, n_params=N, seed=3)
@@ -16,6 +18,7 @@ FACTORY = functools.partial(QuadraticEvaluator, n_params=N, seed=3)
 
 @pytest.fixture(scope="module")
 def local_ray():
+    ray.cloudpickle.register_pickle_by_value(toy_evolution)  # the workers cannot import the tests' helpers
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
@@ -58,9 +61,10 @@ def test_evolve_on_ray_matches_local(local_ray, tmp_path):
         "stages": [{"name": "s", "generations": 2, "tasks": ["a"]}],
         "validation": {"every": 2, "samples": 2, "tasks": ["a"]},
     }
-    evolve(Recipe.from_dict(spec), tmp_path / "local", False, FACTORY, progress=False, plot=False)
+    evolve(Recipe.from_dict(spec), tmp_path / "local", False, FACTORY, progress=False, plot=False,
+           save_checkpoint=save_params)
     ray_recipe = Recipe.from_dict({**spec, "backend": "ray", "ray": {"num_workers": 2}})
-    evolve(ray_recipe, tmp_path / "ray", False, FACTORY, progress=False, plot=False)
+    evolve(ray_recipe, tmp_path / "ray", False, FACTORY, progress=False, plot=False, save_checkpoint=save_params)
     strip = ("seconds", "eval_seconds")
     logs = [[{k: v for k, v in r.items() if k not in strip} for r in read_log(tmp_path / d)] for d in ("local", "ray")]
     assert logs[0] == logs[1] and len(logs[0]) == 2

@@ -46,7 +46,7 @@ def test_eval_resumes_without_duplicating(llama, tokenizer, tmp_path):
     on_disk = read_records(out)
     assert [r["id"] for r in on_disk] == ["0", "1", "2", "3"]
     assert [r["id"] for r in records] == ["0", "1", "2", "3"]
-    assert all(set(r) >= {"prediction", "answers", "score", "kept_tokens", "seconds"} for r in on_disk)
+    assert all(set(r) >= {"prediction", "answers", "score", "kept_tokens_at_end", "seconds"} for r in on_disk)
 
 
 def test_resume_refuses_records_of_another_setting(llama, tokenizer, tmp_path):
@@ -106,12 +106,13 @@ def test_match_budget_gives_baselines_the_namm_cache_at_every_step(llama, tokeni
     rows = compare(llama, tokenizer, task, samples, ["namm", "h2o", "streaming"], [], tmp_path, match_budget="namm",
                    namm_policy=_evicting_namm(), delay=16, progress=False)
     namm_recs = read_records(tmp_path / "echo__namm.jsonl")
-    assert all(len(r["kept_per_step"]) >= 3 for r in namm_recs)
-    assert any(k < n for r in namm_recs for n, k in r["kept_per_step"])  # the NAMM did evict
+    assert all(len(r["mean_kept_tokens_after_each_step"]) >= 3 for r in namm_recs)
+    assert any(k < n for r in namm_recs for n, k in r["mean_kept_tokens_after_each_step"])  # the NAMM did evict
     for label in ("h2o@namm-steps", "streaming@namm-steps"):
         for a, b in zip(namm_recs, read_records(tmp_path / f"echo__{label}.jsonl"), strict=True):
-            assert [n for n, _ in a["kept_per_step"]] == [n for n, _ in b["kept_per_step"]]
-            for (_, ka), (_, kb) in zip(a["kept_per_step"], b["kept_per_step"], strict=True):
+            steps_a, steps_b = a["mean_kept_tokens_after_each_step"], b["mean_kept_tokens_after_each_step"]
+            assert [n for n, _ in steps_a] == [n for n, _ in steps_b]
+            for (_, ka), (_, kb) in zip(steps_a, steps_b, strict=True):
                 assert abs(ka - kb) <= 1.0  # same cache size after every memory step, up to rounding
             assert abs(a["mean_kv_tokens"] - b["mean_kv_tokens"]) <= 1.0
     by = {r["label"]: r for r in rows}
@@ -127,11 +128,19 @@ def test_match_budget_namm_mean_is_the_papers_fixed_budget(llama, tokenizer, tmp
     namm_recs = read_records(tmp_path / "echo__namm.jsonl")
     h2o_recs = read_records(tmp_path / "echo__h2o@namm.jsonl")
     for a, b in zip(namm_recs, h2o_recs, strict=True):
-        assert abs(a["mean_kept_tokens"] - b["mean_kept_tokens"]) <= 1.0 or a["mean_kept_tokens"] < 1
+        assert abs(a["mean_kept_tokens_after_steps"] - b["mean_kept_tokens_after_steps"]) <= 1.0 \
+            or a["mean_kept_tokens_after_steps"] < 1
     assert {r["label"] for r in rows} == {"full", "namm", "h2o@namm"}
 
 
-def test_match_budget_refuses_old_records_and_bad_modes(llama, tokenizer, tmp_path):
+def _legacy_record(record: dict) -> dict:
+    """A record as the harness wrote it before namm.summary: no version, the sizes under their old names."""
+    names = {"kept_tokens_at_end": "kept_tokens", "mean_kept_tokens_after_steps": "mean_kept_tokens",
+             "mean_kept_tokens_after_each_step": "kept_per_step"}
+    return {names.get(k, k): v for k, v in record.items() if k != "summary_version"}
+
+
+def test_match_budget_reads_old_records_and_refuses_bad_modes(llama, tokenizer, tmp_path):
     task = EchoTask()
     samples = task.samples(1, length=40)
     with pytest.raises(NammError, match="--match-budget must be one of"):
@@ -140,8 +149,15 @@ def test_match_budget_refuses_old_records_and_bad_modes(llama, tokenizer, tmp_pa
     compare(llama, tokenizer, task, samples, ["namm"], [], tmp_path, namm_policy=_evicting_namm(), delay=16,
             progress=False)
     file = tmp_path / "echo__namm.jsonl"
-    old = [json.loads(line) for line in file.read_text().splitlines()]
-    file.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "kept_per_step"}) + "\n" for r in old))
+    new = [json.loads(line) for line in file.read_text().splitlines()]
+    legacy = [_legacy_record(r) for r in new]  # as written before namm.summary (version 1)
+    file.write_text("".join(json.dumps(r) + "\n" for r in legacy))
+    rows = compare(llama, tokenizer, task, samples, ["namm", "h2o"], [], tmp_path, match_budget="namm",
+                   namm_policy=_evicting_namm(), delay=16, progress=False)  # old records resume, read by old names
+    assert read_records(file) == legacy and {r["label"] for r in rows} == {"full", "namm", "h2o@namm-steps"}
+    h2o = read_records(tmp_path / "echo__h2o@namm-steps.jsonl")[0]
+    assert [n for n, _ in h2o["mean_kept_tokens_after_each_step"]] == [n for n, _ in legacy[0]["kept_per_step"]]
+    file.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "kept_per_step"}) + "\n" for r in legacy))
     with pytest.raises(NammError, match="predates per-step cache sizes"):
         compare(llama, tokenizer, task, samples, ["namm", "h2o"], [], tmp_path, match_budget="namm",
                 namm_policy=_evicting_namm(), delay=16, progress=False)
@@ -245,4 +261,4 @@ def test_budgets_that_mean_the_same_share_one_result_and_read_uniformly(llama, t
     assert sorted(p.name for p in tmp_path.glob("*.jsonl")) == ["echo__full.jsonl", "echo__h2o@0.5.jsonl",
                                                                  "echo__h2o@8.jsonl"]
     record = read_records(tmp_path / "echo__h2o@8.jsonl")[0]
-    assert all(isinstance(v, int) for row in record["kept_tokens"] for v in row)  # token counts, not floats
+    assert all(isinstance(v, int) for row in record["kept_tokens_at_end"] for v in row)  # token counts, not floats

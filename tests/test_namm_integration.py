@@ -7,7 +7,7 @@ import math
 import torch
 
 import namm
-from conftest import random_prompt
+from conftest import random_prompt, with_cache
 from namm.memory import NAMM, NAMMConfig, param_count, unflatten
 from namm.policies import Full
 from namm.policies.base import ALL_QUERIES, StepRequest
@@ -35,7 +35,7 @@ def test_scores_evict_and_state_follows_the_cache(llama, tokenizer):
     policy = NAMM(NAMMConfig(selection="per_head"), params=cosine_age_params())
     cache = namm.MemoryCache(llama, policy, delay=32)
     ids = tokenizer(random_prompt(40, seed=6), return_tensors="pt").input_ids
-    llama.generate(ids, max_new_tokens=30, do_sample=False, past_key_values=cache)  # steps at 40 (Q=40), 64
+    llama.generate(ids, max_new_tokens=30, do_sample=False, **with_cache(llama, cache))  # steps at 40 (Q=40), 64
     layer = cache.managed[0]
     expected = 1 + sum(math.cos(a) >= 0.5 for a in range(1, 40))  # first step: newest + cos(age) >= 0.5
     first = cache.stats.steps[0]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import namm
-from conftest import random_prompt, tiny_model
+from conftest import random_prompt, tiny_model, with_cache
 from namm.engine import probe_step
 from namm.errors import NammError
 from namm.policies import TOVA, AdaKV, Full, KVzip, MemoryStep, PyramidKV, SnapKV, make_policy
@@ -117,7 +117,7 @@ def test_kvzip_scores_are_the_reconstructions_max_attention_and_its_tokens_leave
     policy = KVzip(budget=16)
     cache = namm.MemoryCache(model, policy, delay=1024)
     cache.hold_steps()
-    model(ctx, past_key_values=cache)
+    model(ctx, **with_cache(model, cache))
     seconds = probe_step(model, tokenizer, cache, ctx, final=True)  # the question-agnostic compression point
     assert seconds > 0
     probe = policy.probe_ids(tokenizer, ctx, ctx[:, :0])
@@ -141,7 +141,7 @@ def test_kvzip_scores_are_the_reconstructions_max_attention_and_its_tokens_leave
             hide[(layer.layer_idx, h)] = (n, sorted(set(range(n)) - set(pos[0, h][valid[0, h]].tolist())))
     assert cache.get_seq_length() == n
     assert any(len(v[1]) != len(hide[(k[0], 0)][1]) for k, v in hide.items())  # heads hold different counts
-    got = model(extra, past_key_values=cache).logits
+    got = model(extra, **with_cache(model, cache)).logits
     HIDDEN.clear()
     HIDDEN.update(hide)
     model.set_attn_implementation("head_masked")
@@ -167,7 +167,7 @@ def test_kvzip_runs_in_the_engine_on_the_cadence_and_refuses_a_bare_cache(llama,
         namm.generate(llama, tokenizer, [prompt, prompt], KVzip(budget=20), max_new_tokens=2, delay=32)
     cache = namm.MemoryCache(llama, KVzip(budget=8), delay=16)
     with pytest.raises(NammError, match="running the model"):
-        llama(tokenizer(prompt, return_tensors="pt").input_ids[:, :32], past_key_values=cache)
+        llama(tokenizer(prompt, return_tensors="pt").input_ids[:, :32], **with_cache(llama, cache))
     namm.cache.clear_pending()
 
 
@@ -178,18 +178,18 @@ def test_a_probe_leaves_every_layer_as_it_was(kind, tokenizer):
     ids = tokenizer(random_prompt(70, seed=8), return_tensors="pt").input_ids
     nxt = tokenizer("w9 w10", return_tensors="pt").input_ids
     cache = namm.MemoryCache(model, SnapKV(budget=20, window=4), delay=32)
-    model(ids, past_key_values=cache)
+    model(ids, **with_cache(model, cache))
     before = [(lay.keys.clone(), lay.values.clone()) for lay in cache.layers]
     with cache.probe():
-        model(tokenizer(random_prompt(40, seed=9), return_tensors="pt").input_ids, past_key_values=cache)
+        model(tokenizer(random_prompt(40, seed=9), return_tensors="pt").input_ids, **with_cache(model, cache))
         assert cache.get_seq_length() > 70
     assert all(torch.equal(k, lay.keys) and torch.equal(v, lay.values)
                for (k, v), lay in zip(before, cache.layers, strict=True))
     assert cache.get_seq_length() == 70
-    got = model(nxt, past_key_values=cache).logits
+    got = model(nxt, **with_cache(model, cache)).logits
     twin = namm.MemoryCache(model, SnapKV(budget=20, window=4), delay=32)
-    model(ids, past_key_values=twin)
-    torch.testing.assert_close(got, model(nxt, past_key_values=twin).logits)
+    model(ids, **with_cache(model, twin))
+    torch.testing.assert_close(got, model(nxt, **with_cache(model, twin)).logits)
 
 
 def test_answer_score_is_the_teacher_forced_log_likelihood(llama, tokenizer):

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import namm
-from conftest import random_prompt
+from conftest import random_prompt, with_cache
 from namm.errors import NammError
 from namm.policies import (
     H2O,
@@ -114,7 +114,7 @@ def test_h2o_accumulates_attention_across_steps(llama, tokenizer):
     ids = tokenizer(random_prompt(64), return_tensors="pt").input_ids
     with torch.no_grad():
         for s in range(0, 64, 16):
-            llama(ids[:, s : s + 16], past_key_values=cache)
+            llama(ids[:, s : s + 16], **with_cache(llama, cache))
     acc = cache.managed[0].state["h2o_acc"]
     assert acc.shape[:3] == cache.managed[0].positions.shape
     assert float(acc.sum()) > 0

@@ -10,7 +10,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import namm
-from conftest import random_prompt, tiny_model
+from conftest import random_prompt, tiny_model, with_cache
 from namm.policies import H2O, Full, Policy, SnapKV
 from namm.policies.base import ALL_QUERIES, StepRequest
 
@@ -33,10 +33,10 @@ def test_cache_works_inside_model_generate(llama, tokenizer):
     ids = tokenizer(random_prompt(70, seed=3), return_tensors="pt").input_ids
     ref = llama.generate(ids, max_new_tokens=10, do_sample=False)
     cache = namm.MemoryCache(llama, Full(), delay=16)
-    out = llama.generate(ids, max_new_tokens=10, do_sample=False, past_key_values=cache)
+    out = llama.generate(ids, max_new_tokens=10, do_sample=False, **with_cache(llama, cache))
     assert torch.equal(ref, out)
     evicting = namm.MemoryCache(llama, H2O(budget=24), delay=16)
-    llama.generate(ids, max_new_tokens=20, do_sample=False, past_key_values=evicting)
+    llama.generate(ids, max_new_tokens=20, do_sample=False, **with_cache(llama, evicting))
     kept = evicting.kept_tokens()
     assert evicting.get_seq_length() == ids.shape[1] + 19
     assert int(kept.max()) < ids.shape[1]  # something was evicted at the decoding-time memory steps
@@ -104,12 +104,12 @@ def test_eviction_equals_masking_that_head(kind, tokenizer):
     extra = tokenizer(random_prompt(9, seed=8), return_tensors="pt").input_ids
     cache = namm.MemoryCache(model, EvictGiven(hide=hide, when=64), delay=32)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **with_cache(model, cache))
         assert not cache.layers[0].dense
         kept = cache.kept_tokens()
         assert kept[0, 0, 1] == 64 - 20 and kept[1, 0, 0] == 64 - 35 and kept[2, 0, 1] == 64 - 45
-        got = torch.cat([model(extra[:, i : i + 1], past_key_values=cache).logits for i in range(4)], dim=1)
-        got = torch.cat([got, model(extra[:, 4:], past_key_values=cache).logits], dim=1)
+        got = torch.cat([model(extra[:, i : i + 1], **with_cache(model, cache)).logits for i in range(4)], dim=1)
+        got = torch.cat([got, model(extra[:, 4:], **with_cache(model, cache)).logits], dim=1)
         HIDDEN.clear()
         HIDDEN.update({key: (64, pos) for key, pos in hide.items()})
         model.set_attn_implementation("head_masked")
@@ -129,7 +129,7 @@ def test_positions_survive_eviction(llama, tokenizer):
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         for start in range(0, 96, 32):
-            llama(ids[:, start : start + 32], past_key_values=cache)
+            llama(ids[:, start : start + 32], **with_cache(llama, cache))
     for layer in cache.managed:
         pos = layer.positions.masked_fill(~layer.valid, -1)
         # kept positions are increasing within each head, the newest window survived, nothing moved
@@ -148,11 +148,17 @@ def test_left_padded_batch_matches_single_prompts(tokenizer):
         single = namm.generate(model, tokenizer, p, Full(), max_new_tokens=8, delay=32)
         assert batch.token_ids[i] == single.token_ids
     evicting = namm.generate(model, tokenizer, prompts, H2O(budget=16), max_new_tokens=8, delay=32)
-    for i, p in enumerate(prompts):
-        single = namm.generate(model, tokenizer, p, H2O(budget=16), max_new_tokens=8, delay=32)
-        assert evicting.stats.prompt_tokens[i] == single.stats.prompt_tokens[0]
-    # padding never counts as a kept token: after the first step each row holds at most the budget + new tokens
-    assert max(max(s["kept"][1]) for s in evicting.stats.steps) <= 16
+    assert evicting.stats.prompt_tokens == [70, 45]
+    # the unpadded row evicts and generates exactly as it does alone
+    alone = namm.generate(model, tokenizer, prompts[0], H2O(budget=16), max_new_tokens=8, delay=32)
+    assert evicting.token_ids[0] == alone.token_ids
+    assert [(s["layer"], s["n_seen"], s["kept"][0]) for s in evicting.stats.steps] == [
+        (s["layer"], s["n_seen"], s["kept"][0]) for s in alone.stats.steps]
+    # padding never counts as a kept token: the padded row (25 pads) keeps min(budget, its real tokens) per head
+    steps = evicting.stats.steps
+    assert sorted({s["n_seen"] for s in steps}) == [32, 64, 70] and len(steps) == 9
+    for s in steps:
+        assert s["kept"][1] == [min(16, s["n_seen"] - 25)] * 2, s  # 7 real tokens at the step at 32
 
 
 def test_chunked_prefill_memory_steps_land_on_multiples(llama, tokenizer):
@@ -173,7 +179,7 @@ def test_a_budget_holds_before_decoding_on_a_prompt_shorter_than_the_cadence(pol
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     cache = namm.MemoryCache(llama, policy, delay=512)
     seen = []
-    llama.generate(ids, max_new_tokens=3, do_sample=False, **{namm.cache.cache_argument(llama): cache},
+    llama.generate(ids, max_new_tokens=3, do_sample=False, **with_cache(llama, cache),
                    logits_processor=[lambda _ids, scores: seen.append(int(cache.kept_tokens().max())) or scores])
     assert [s.n_seen for s in cache.stats.steps] == [40] * 3
     assert seen[1:] == [budget + 1, budget + 2]  # after the prompt, the cache grows from the budget
@@ -194,19 +200,22 @@ def test_recomputed_attention_equals_eager_weights(tokenizer):
         request = StepRequest(queries=ALL_QUERIES)
 
         def score(self, step):
-            seen[step.layer_idx] = step.attention.clone()
+            seen[(step.layer_idx, step.n_seen)] = step.attention.clone()
             return super().score(step)
 
     cache = namm.MemoryCache(model, Spy(), delay=16)
     with torch.no_grad():
-        model(ids[:, :32], past_key_values=cache)
-        model(ids[:, 32:], past_key_values=cache)  # the step at 48 sees queries 32..47
+        model(ids[:, :32], **with_cache(model, cache))
+        model(ids[:, 32:], **with_cache(model, cache))  # the step at 48 sees queries 32..47
         model.set_attn_implementation("eager")
         try:
             eager = model(ids, output_attentions=True).attentions
         finally:
             model.set_attn_implementation("namm")
-    for layer, attn in seen.items():
+    layers = model.config.num_hidden_layers
+    assert {layer for layer, n_seen in seen if n_seen == 48} == set(range(layers))  # the spy ran on every layer
+    for layer in range(layers):
+        attn = seen[(layer, 48)]
         ref = eager[layer][:, :, 32:48]  # (B, H_q, Q, T)
         ref = ref.view(1, 2, 2, 16, 48).mean(dim=2)
         torch.testing.assert_close(attn, ref, rtol=1e-5, atol=1e-6)

@@ -189,37 +189,18 @@ def generate(
             text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                            add_generation_prompt=True)
         out = run_generate(mdl, tok, text, pol, max_new_tokens=max_new_tokens, delay=every, chunk_size=chunk_size)
-        s = out.stats
-        record = {
-            "text": out.text,
-            "policy": pol.describe(),
-            "delay": every,
-            "kept_tokens": [[int(v) for v in row] for row in s.kept_tokens],  # one prompt: whole tokens
-            "mean_kept_tokens": sum(map(sum, s.kept_tokens)) / max(1, sum(map(len, s.kept_tokens))),
-            "total_tokens": s.prompt_tokens[0] + s.generated_tokens[0],
-            "prompt_tokens": s.prompt_tokens[0],
-            "generated_tokens": s.generated_tokens[0],
-            "memory_steps": sorted({step["n_seen"] for step in s.steps}),
-            "mean_kv_tokens": s.mean_kv_tokens,
-            "peak_kv_tokens": s.peak_kv_tokens,
-            "cache_fraction": s.cache_fraction,
-            "kv_bytes": s.kv_bytes,
-            "peak_kv_bytes": s.peak_kv_bytes,
-            "padding_fraction": s.padding_fraction,
-            "seconds": s.seconds,
-            "prefill_seconds": s.prefill_seconds,
-            "decode_seconds": s.decode_seconds,
-            "memory_seconds": s.memory_seconds,
-        }
+        from namm.summary import summarise  # noqa: PLC0415
+
+        s = summarise(out.stats)
+        record = {"text": out.text, "policy": pol.describe(), "delay": every} | s.to_record()
         if as_json:
             sys.stdout.write(json.dumps(record) + "\n")
             return
         sys.stdout.write(out.text + "\n")
-        steps = plural_steps(len(record["memory_steps"]))
         console.print(
-            f"[dim]{escape(pol.describe())}: kept {record['mean_kept_tokens']:.0f} of {record['total_tokens']} "
-            f"tokens per head after {steps} (mean cache {s.cache_fraction:.0%}), KV {s.kv_bytes / 2**20:.1f} MiB "
-            f"(peak {s.peak_kv_bytes / 2**20:.1f}), {s.seconds:.1f}s[/]", highlight=False
+            f"[dim]{escape(pol.describe())}: {s.mean_kept_tokens_at_end:.0f} of {s.total_tokens} tokens per head "
+            f"kept at the end, after {plural_steps(len(s.memory_steps))} (mean cache {s.cache_fraction:.0%}), KV "
+            f"{s.kv_bytes / 2**20:.1f} MiB (peak {s.peak_kv_bytes / 2**20:.1f}), {s.seconds:.1f}s[/]", highlight=False
         )
 
     _run(body)

@@ -23,10 +23,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from namm import jsonl
+from namm.atomic import atomic_save_figure, atomic_write_text
 from namm.engine import generate
 from namm.errors import NammError
 from namm.policies import BudgetSchedule, Full, Policy, make_policy
 from namm.scoring import gold_answer
+from namm.summary import mean_kept_tokens_after_each_step, mean_kept_tokens_after_steps, summarise
 from namm.tasks import Sample, Task, count_tokens
 
 
@@ -57,41 +59,22 @@ def budget_label(budget: int | float | str | None) -> str:
     return "-" if budget is None else str(budget)
 
 
-def _count(value: float) -> int | float:
-    """A token count as an int when it is whole (JSON shows ``16``, not ``16.0``)."""
-    return int(value) if float(value).is_integer() else value
-
-
-def mean_kept_after_steps(stats) -> float | None:
-    """Mean tokens per head right after the memory steps (what a fixed budget corresponds to), or None."""
-    if not stats.steps:
-        return None
-    return statistics.fmean(v for s in stats.steps for row in s["kept"] for v in row)
-
-
-def kept_per_step(stats) -> list[list[float]]:
-    """``[[n_seen, mean tokens per head], ...]`` right after each memory step (mean over layers, rows, heads)."""
-    by_seen: dict[int, list[float]] = {}
-    for s in stats.steps:
-        by_seen.setdefault(s["n_seen"], []).extend(v for row in s["kept"] for v in row)
-    return [[n, statistics.fmean(v)] for n, v in sorted(by_seen.items())]
-
-
 def matched_budget(record: dict, mode: str) -> BudgetSchedule | int | None:
     """A baseline's budget matching the NAMM's ``record`` on one sample (None: the NAMM took no step).
 
     ``"namm"``: the NAMM's cache size at each of its memory steps, as a :class:`BudgetSchedule`;
-    ``"namm-mean"``: one token budget, its mean size after the steps (the paper's rule).
+    ``"namm-mean"``: one token budget, its mean size after the steps (the paper's rule). Records of any
+    :mod:`namm.summary` version are read.
     """
     if mode == "namm-mean":
-        kept = record["mean_kept_tokens"]
+        kept = mean_kept_tokens_after_steps(record)
         return None if kept is None else max(1, round(kept))
-    if "kept_per_step" not in record:
+    steps = mean_kept_tokens_after_each_step(record)
+    if steps is None:
         raise NammError(
             f"Record {record.get('id')!r} of {record.get('task')!r} predates per-step cache sizes; delete its "
             "namm__*.jsonl file in the --out directory so the NAMM runs again, or use --match-budget namm-mean."
         )
-    steps = record["kept_per_step"]
     return BudgetSchedule(tuple((int(n), max(1, round(k))) for n, k in steps)) if steps else None
 
 
@@ -99,9 +82,10 @@ def run_sample(model, tokenizer, task: Task, sample: Sample, policy: Policy, *, 
                chunk_size: int | None, question_agnostic: bool, score_answer: bool = False) -> dict:
     """Generate for one sample and score it; returns the JSON-able record.
 
-    With ``score_answer`` the gold answer is also scored teacher-forced after the same prefill
-    (``gold``, ``answer_logprob``, ``answer_tokens``, ``answer_nll``) and the record carries the run's time
-    split and padding share too (what ``namm bench`` records).
+    The record holds the sample, the prediction and its score, then the run's :class:`namm.summary.RunSummary`
+    (cache sizes, bytes, times; versioned). With ``score_answer`` the gold answer is also scored teacher-forced
+    after the same prefill (``gold``, ``answer_logprob``, ``answer_tokens``, ``answer_nll``; what ``namm bench``
+    records).
     """
     if question_agnostic and sample.context is None:
         raise NammError(f"Sample {sample.id} of {task.name} has no context/question split for question-agnostic mode.")
@@ -112,7 +96,6 @@ def run_sample(model, tokenizer, task: Task, sample: Sample, policy: Policy, *, 
         question=sample.question if question_agnostic else None, answer=gold,
         max_answer_tokens=sample.max_new_tokens if score_answer else None,
     )
-    s = out.stats
     record = {
         "id": sample.id,
         "task": task.name,
@@ -124,22 +107,7 @@ def run_sample(model, tokenizer, task: Task, sample: Sample, policy: Policy, *, 
     if score_answer:
         record |= {"gold": gold, "answer_logprob": out.answer.logprob, "answer_tokens": out.answer.tokens,
                    "answer_nll": out.answer.mean_nll}
-    record |= {
-        "prompt_tokens": s.prompt_tokens[0],
-        "kept_tokens": [[_count(v) for v in row] for row in s.kept_tokens],
-        "mean_kept_tokens": mean_kept_after_steps(s),
-        "kept_per_step": kept_per_step(s),
-        "mean_kv_tokens": s.mean_kv_tokens,
-        "cache_fraction": s.cache_fraction,
-        "peak_kv_tokens": s.peak_kv_tokens,
-        "peak_kv_bytes": s.peak_kv_bytes,
-        "seconds": s.seconds,
-    }
-    if score_answer:
-        record |= {"padding_fraction": s.padding_fraction, "prefill_seconds": s.prefill_seconds,
-                   "decode_seconds": s.decode_seconds, "memory_seconds": s.memory_seconds,
-                   "probe_seconds": s.probe_seconds}
-    return record
+    return record | summarise(out.stats).to_record()
 
 
 def _digest(text: str) -> str:
@@ -315,7 +283,7 @@ def compare(
                 run(label, make_policy(name, budget=budget), budget_label(budget))
     reference = {r["id"]: r["score"] for r in full.records}
     summary = [e.summary(reference) for e in entries]
-    jsonl.atomic_write_text(out_dir / f"{task.name}__results.json", json.dumps(
+    atomic_write_text(out_dir / f"{task.name}__results.json", json.dumps(
         {"task": task.name, "samples": [s.id for s in samples], "delay": delay, "results": summary}, indent=2
     ))
     plot_comparison(summary, out_dir / f"{task.name}__results.png",
@@ -381,5 +349,5 @@ def plot_comparison(summary: list[dict], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_save_figure(fig, path, dpi=120)
     plt.close(fig)

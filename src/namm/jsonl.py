@@ -1,4 +1,4 @@
-"""Crash-safe files: JSON-lines records that survive ``kill -9`` and damage, and atomic file replacement.
+"""Crash-safe JSON-lines records that survive ``kill -9`` and damage (whole files are replaced by :mod:`namm.atomic`).
 
 * :func:`append_record` appends one record as one line and fsyncs it. If the file does not end with a
   newline (a write cut short, or an edit by another tool), one is written first, so two records never
@@ -7,9 +7,6 @@
   (a torn last line after a crash, a damaged line anywhere) are moved to ``<file>.bad`` where the user
   can see them, the file is rewritten atomically with the valid lines only, and the returned
   :class:`Records` says what was set aside; no valid record is ever dropped.
-* :func:`atomic_write_bytes` / :func:`atomic_write_text` replace a file by writing a temporary file next
-  to it, fsyncing it and renaming it over the target: a reader sees the old or the new content, never a
-  half-written file.
 """
 
 from __future__ import annotations
@@ -20,23 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from namm.atomic import atomic_write_bytes
 from namm.errors import NammError
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Replace ``path`` by ``data`` atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Replace ``path`` by ``text`` (UTF-8) atomically."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def writable_dir(path: str | os.PathLike, what: str | None = None) -> Path:
@@ -145,8 +127,6 @@ def append_record(path: str | os.PathLike, record: dict[str, Any], *, allow_nan:
 __all__ = [
     "Records",
     "append_record",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "bad_lines_file",
     "read_records",
     "writable_dir",

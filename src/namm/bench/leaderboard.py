@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from namm.atomic import atomic_save_figure, atomic_write_text
 from namm.bench.run import group_keys, records_file
 from namm.bench.suite import Cell, Suite
 from namm.harness import read_records
@@ -184,7 +185,7 @@ def plot_pareto(rows: Sequence[Row], path: Path, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -199,7 +200,7 @@ def write_section(path: Path, name: str, lines: list[str], title: str = "# Leade
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    atomic_write_text(path, text)
 
 
 def render(suite: Suite, out_dir: Path, page: Path | None = None, command: str | None = None) -> Path:

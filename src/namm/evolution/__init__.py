@@ -3,10 +3,12 @@
 Typical use::
 
     from namm.evolution import evolve, load_recipe
-    evolve(load_recipe("recipe.yaml"), "runs/exp1", resume=False, evaluator_factory=make_evaluator)
+    evolve(load_recipe("recipe.yaml"), "runs/exp1", resume=False, evaluator_factory=make_evaluator,
+           save_checkpoint=write_checkpoint)
 
 ``make_evaluator`` builds an :class:`Evaluator` (a model replica scoring NAMM parameters on task samples);
-it must be picklable for the Ray backend.
+it must be picklable for the Ray backend. ``write_checkpoint(params, directory)`` fills a checkpoint
+directory (for a NAMM: :func:`namm.evolution.lm.checkpoint_writer`).
 """
 
 from namm.evolution.backends import LocalBackend, RayBackend
@@ -14,7 +16,6 @@ from namm.evolution.evaluator import (
     EvalResult,
     Evaluator,
     FullScoreCache,
-    QuadraticEvaluator,
     fitness,
     mean_cache_fraction,
     select_samples,
@@ -23,7 +24,7 @@ from namm.evolution.evaluator import (
 from namm.evolution.optimizer import CMAES
 from namm.evolution.plot import plot_run, read_log
 from namm.evolution.recipe import RayConfig, Recipe, Stage, TaskSpec, ValidationConfig, load_recipe
-from namm.evolution.run import EvolveResult, evolve, make_backend, save_params
+from namm.evolution.run import EvolveResult, evolve, make_backend
 
 __all__ = [
     "CMAES",
@@ -32,7 +33,6 @@ __all__ = [
     "EvolveResult",
     "FullScoreCache",
     "LocalBackend",
-    "QuadraticEvaluator",
     "RayBackend",
     "RayConfig",
     "Recipe",
@@ -46,7 +46,6 @@ __all__ = [
     "mean_cache_fraction",
     "plot_run",
     "read_log",
-    "save_params",
     "select_samples",
     "validation_samples",
 ]

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from namm.atomic import atomic_fill_dir, atomic_write_json
 from namm.errors import NammError
-from namm.evolution._io import atomic_write_json
 from namm.evolution.evaluator import EvalResult
 from namm.evolution.population import generate_copies
 from namm.evolution.recipe import Recipe, TaskSpec
@@ -89,7 +89,7 @@ class LMEvaluator:
         self._tasks: dict[str, Task] = {}
         self._samples: dict[tuple[str, str], Sample] = {}
         self._full_logprob_path = self.run_dir / FULL_LOGPROB_FILE
-        self._full_logprob: dict[str, float] = {}
+        self._full_logprob: dict[str, list[float | int]] = {}  # "task/sample id" -> [logprob (nats), tokens]
         if self._full_logprob_path.exists():
             self._full_logprob = json.loads(self._full_logprob_path.read_text())
 
@@ -226,7 +226,7 @@ def prepare_normalisation(recipe: Recipe, run_dir: Path, samples_per_task: int =
             f"than delay={recipe.delay}. Use longer prompts or a smaller delay."
         )
     policy.freeze_stats()
-    policy.save_pretrained(run_dir / NORMALISATION_DIR)
+    atomic_fill_dir(run_dir / NORMALISATION_DIR, policy.save_pretrained)  # a whole checkpoint, or none
     if evaluator is not None:
         evaluator.policy.normaliser = policy.normaliser
 

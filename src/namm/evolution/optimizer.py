@@ -1,4 +1,4 @@
-"""CMA-ES as in the NAMM reference, on top of pycma, with a complete pickle-free save/restore.
+"""CMA-ES as in the NAMM reference, on top of pycma, saved as the fitness it was told and restored by replay.
 
 :class:`CMAES` wraps ``cma.CMAEvolutionStrategy`` with the reference settings: population ``popsize``,
 ``mu = popsize // 2`` positively weighted parents for the mean (pycma's default log-weights, negative
@@ -8,22 +8,38 @@ Fitness is **maximised** (pycma minimises; the wrapper negates).
 
 pycma samples from numpy's *global* legacy RNG. The wrapper owns a private copy of that RNG state: it
 swaps it in around every pycma call and out again afterwards, so other code using ``np.random`` neither
-perturbs nor is perturbed by the optimiser, and the state can be saved exactly.
+perturbs nor is perturbed by the optimiser. The RNG swap makes a :class:`CMAES` unsafe to use from several
+threads at once.
 
-:meth:`CMAES.state_dict` returns the complete state: every array of the pycma object graph (mean, sigma,
-covariance or diagonal scaling, B and D, evolution paths, the last population, fitness history, ...)
-under its attribute path for safetensors, and a JSON tree of all scalars, counters and object structure
-(see :mod:`namm.evolution._statecodec`), plus the RNG state. Not stored (rebuilt from the configuration
-when loading): pycma's option dictionary, its data logger (disabled), its wall-clock timers and function
-references. :meth:`CMAES.save` / :meth:`CMAES.load` write/read ``optimizer.safetensors`` and
-``optimizer.json``. A state only loads under the pycma version that saved it (its internals are stored).
-The RNG swap makes a :class:`CMAES` unsafe to use from several threads at once.
+Saving by replay. Given its configuration and seed, the optimiser is a deterministic function of the
+fitness values it was told: every population comes from ``ask()`` on the private RNG, and :meth:`tell`
+only accepts the population of the last ``ask()``. :meth:`state_dict` therefore stores the configuration,
+the initial mean, the fitness told at every generation (and how many ``ask()`` calls preceded each
+``tell``), plus a SHA-256 digest of the resulting state (mean, step size, covariance, evolution paths,
+RNG state, best solution; :meth:`digest`). :meth:`load_state_dict` rebuilds a fresh optimiser from the
+configuration, replays the ``ask``/``tell`` sequence and compares the digest: the restored state is
+bit-for-bit the saved one, or loading fails. :meth:`save` / :meth:`load` write/read one strict JSON file,
+``optimizer.json``, atomically.
+
+Why this and not pickle or a hand-written codec of pycma's object graph: the file holds only numbers and
+strings, so loading it runs no code and instantiates nothing from the file (a pickle, even through a
+restricted unpickler, can call constructors of allowed classes, and pycma evaluates option strings); it is
+independent of pycma's internal attribute layout, so no codec of its objects has to be maintained. A
+file namm did not write (wrong format, a tampered fitness, another pycma or numpy/BLAS that computes the
+replay differently) fails the format check or the digest and is refused with the reason. The price is
+the replay time on load (one ``ask``/``tell`` per finished generation, without any model evaluation).
+
+States of the previous format (``namm-cmaes-v1``: ``optimizer.safetensors`` + ``optimizer.json``, an
+encoding of pycma's internals) are refused with a message naming the last commit that reads them
+(:data:`LEGACY_COMMIT`): a run started with it resumes with that commit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,20 +47,25 @@ from typing import Any
 
 import cma
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save as st_save
 
+from namm.atomic import atomic_write_json
 from namm.errors import NammError
-from namm.evolution import _statecodec
-from namm.evolution._io import atomic_write_bytes, atomic_write_json
 
-FORMAT = "namm-cmaes-v1"
-_ROOT = "cma"
-_META_KEY = "namm_meta"
+FORMAT = "namm-cmaes-v2"
+LEGACY_FORMAT = "namm-cmaes-v1"
+#: the last commit that saves and loads :data:`LEGACY_FORMAT` states.
+LEGACY_COMMIT = "b1019d4"
+
+
+def _legacy_error(path: Path) -> NammError:
+    return NammError(
+        f"{path} is a {LEGACY_FORMAT} optimizer state from an older namm; resume this run with namm at commit "
+        f"{LEGACY_COMMIT} (git checkout {LEGACY_COMMIT}), or start a new run."
+    )
 
 
 class CMAES:
-    """Maximising CMA-ES (pycma) with the NAMM reference settings and an exact, pickle-free state.
+    """Maximising CMA-ES (pycma) with the NAMM reference settings and an exact state saved as its fitness history.
 
     Args:
         n_params: dimension of the search space.
@@ -85,6 +106,10 @@ class CMAES:
         }
         if csa:  # only stored when set, so states saved before the option existed still match
             self.config["csa"] = True
+        self._mean0 = mean0.copy()
+        self._history: list[dict[str, Any]] = []  # per finished generation: {"asks": int, "fitness": [P floats]}
+        self._asks = 0  # ask() calls since the last tell()
+        self._asked: np.ndarray | None = None  # the population of the last ask()
         self._rng_state = np.random.RandomState(int(seed) % 2**32).get_state()
         opts = {
             "popsize": int(popsize),
@@ -117,10 +142,13 @@ class CMAES:
     def ask(self) -> np.ndarray:
         """Sample a new population, ``(popsize, n_params)`` float64."""
         with self._own_rng():
-            return np.array(self._es.ask(), dtype=np.float64)
+            population = np.array(self._es.ask(), dtype=np.float64)
+        self._asks += 1
+        self._asked = population.copy()
+        return population
 
     def tell(self, solutions: np.ndarray, fitness: np.ndarray) -> None:
-        """Update from the population returned by :meth:`ask` and its fitness (higher is better)."""
+        """Update from the population returned by the last :meth:`ask` and its fitness (higher is better)."""
         solutions = np.asarray(solutions, dtype=np.float64)
         fitness = np.asarray(fitness, dtype=np.float64).reshape(-1)
         if solutions.shape != (self.popsize, self.n_params) or fitness.shape != (self.popsize,):
@@ -130,8 +158,13 @@ class CMAES:
             )
         if not np.all(np.isfinite(fitness)):
             raise NammError(f"tell() got non-finite fitness values: {fitness.tolist()}.")
+        if self._asked is None or not np.array_equal(solutions, self._asked):
+            raise NammError("tell() takes the population returned by the last ask() (the state is saved as the "
+                            "fitness told and replayed from the seed).")
         with self._own_rng():
             self._es.tell(list(solutions), [-float(f) for f in fitness])
+        self._history.append({"asks": self._asks, "fitness": [float(f) for f in fitness]})
+        self._asks, self._asked = 0, None
 
     # ----------------------------------------------------------------------------- views
     @property
@@ -178,84 +211,134 @@ class CMAES:
         return np.array(best.x, dtype=np.float64), -float(best.f)
 
     # ----------------------------------------------------------------------------- state
-    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """The complete state: ``(arrays for safetensors, JSON-able dict)``."""
-        tree, tensors = _statecodec.encode(self._es, _ROOT)
-        name, keys, pos, has_gauss, cached = self._rng_state
-        tensors["rng/mt19937_keys"] = np.asarray(keys, dtype=np.uint32).copy()
-        meta = {
+    def digest(self) -> str:
+        """SHA-256 of the state that drives future generations: counters, mean, sigma, covariance, evolution
+        paths, RNG state and the best solution (what :meth:`load_state_dict` checks after a replay)."""
+        es, h = self._es, hashlib.sha256()
+        _, keys, pos, has_gauss, cached = self._rng_state
+        best = self.best_ever
+        parts: list[Any] = [self.generation, int(es.countevals), self.sigma, self.mean, self.C,
+                            getattr(es, "pc", None), getattr(es.adapt_sigma, "ps", None),
+                            np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached),
+                            None if best is None else best[0], None if best is None else best[1]]
+        for part in parts:
+            if isinstance(part, np.ndarray) or (part is not None and not np.isscalar(part)):
+                arr = np.ascontiguousarray(part)
+                h.update(f"{arr.dtype.str}{arr.shape}".encode())
+                h.update(arr.tobytes())
+            else:
+                h.update(repr(part).encode())
+            h.update(b"|")
+        return h.hexdigest()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The complete state as a JSON-able dict (see the module docstring)."""
+        return {
             "format": FORMAT,
             "pycma_version": cma.__version__,
+            "numpy_version": np.__version__,
             "config": dict(self.config),
-            "rng": {"name": str(name), "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-            "state": tree,
+            "mean0": [float(v) for v in self._mean0],
+            "generations": [dict(g, fitness=list(g["fitness"])) for g in self._history],
+            "pending_asks": self._asks,
+            "digest": self.digest(),
         }
-        return tensors, meta
 
-    def load_state_dict(self, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        """Restore a state from :meth:`state_dict`; the configuration must match this object's."""
-        if meta.get("format") != FORMAT:
-            raise NammError(f"Not a {FORMAT} optimizer state (format={meta.get('format')!r}).")
-        if meta["config"] != self.config:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict` into this fresh optimiser by replaying its generations.
+
+        Raises:
+            NammError: a file of another format, another configuration, malformed fields, an optimiser that
+                was already used, or a replay that does not reproduce the saved digest.
+        """
+        _check_format(state)
+        if state.get("config") != self.config:
             raise NammError(
-                f"Optimizer state was saved with config {meta['config']}, this optimizer has {self.config}."
+                f"Optimizer state was saved with config {state.get('config')}, this optimizer has {self.config}."
             )
-        if meta.get("pycma_version") != cma.__version__:
+        if self.generation or self._asks:
+            raise NammError("load_state_dict() needs a fresh optimizer (no ask() or tell() yet).")
+        mean0, generations, pending = state.get("mean0"), state.get("generations"), state.get("pending_asks")
+        if not _floats(mean0, self.n_params) or not np.array_equal(np.asarray(mean0, dtype=np.float64), self._mean0):
+            raise NammError("Optimizer state has another initial mean than this optimizer.")
+        if not isinstance(generations, list) or not _count(pending) or not all(
+            isinstance(g, dict) and _count(g.get("asks")) and g["asks"] >= 1 and _floats(g.get("fitness"), self.popsize)
+            for g in generations
+        ):
+            raise NammError("Optimizer state is malformed (generations or pending_asks); not written by namm.")
+        for g in generations:
+            for _ in range(g["asks"]):
+                population = self.ask()
+            self.tell(population, np.asarray(g["fitness"], dtype=np.float64))
+        for _ in range(pending):
+            self.ask()
+        if self.digest() != state.get("digest"):
             raise NammError(
-                f"Optimizer state was saved with pycma {meta.get('pycma_version')}, but pycma {cma.__version__} is "
-                "installed; its internal state layout may differ. Install the saving version to resume."
+                f"Replaying the optimizer state's {len(generations)} generations does not reproduce its digest: the "
+                f"file was altered, or it was written with pycma {state.get('pycma_version')} / numpy "
+                f"{state.get('numpy_version')} (installed: pycma {cma.__version__} / numpy {np.__version__}) or "
+                "on a machine whose numerics differ. Resume where it was written."
             )
-        rng = meta["rng"]
-        self._rng_state = (
-            rng["name"],
-            np.asarray(tensors["rng/mt19937_keys"], dtype=np.uint32),
-            rng["pos"],
-            rng["has_gauss"],
-            rng["cached_gaussian"],
-        )
-        _statecodec.decode_into(self._es, meta["state"], tensors, _ROOT)
 
     @classmethod
-    def from_state_dict(cls, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> CMAES:
-        """Build an optimiser from its configuration and restore its state."""
-        opt = cls(**meta["config"])
-        opt.load_state_dict(tensors, meta)
+    def from_state_dict(cls, state: dict[str, Any]) -> CMAES:
+        """Build an optimiser from a state's configuration and initial mean, and replay the state."""
+        config, mean0 = state.get("config"), state.get("mean0")
+        _check_format(state)
+        if not isinstance(config, dict) or not isinstance(mean0, list):
+            raise NammError("Optimizer state is malformed (config or mean0); not written by namm.")
+        try:
+            opt = cls(**config, mean0=np.asarray(mean0, dtype=np.float64))
+        except (TypeError, ValueError) as err:
+            raise NammError(f"Optimizer state has an invalid config {config} ({err}); not written by namm.") from None
+        opt.load_state_dict(state)
         return opt
 
-    def save(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None, name: str = "optimizer") -> None:
-        """Write ``<name>.safetensors`` and ``<name>.json`` in ``directory`` (each atomically).
+    @staticmethod
+    def saved_in(directory: str | os.PathLike, name: str = "optimizer") -> bool:
+        """Whether ``directory`` holds a saved optimizer state (of this or the legacy format)."""
+        d = Path(directory)
+        return (d / f"{name}.json").exists() or (d / f"{name}.safetensors").exists()
 
-        The safetensors header also embeds the JSON part, so the ``.safetensors`` file alone is a complete,
-        self-consistent checkpoint even if a crash falls between the two writes; the ``.json`` file is its
-        human-readable mirror. ``extra`` is stored alongside (e.g. the training loop's bookkeeping).
-        """
-        tensors, meta = self.state_dict()
-        meta["extra"] = extra or {}
-        text = json.dumps(meta, allow_nan=False, sort_keys=True)
-        directory = Path(directory)
-        atomic_write_bytes(directory / f"{name}.safetensors", st_save(tensors, metadata={_META_KEY: text}))
-        atomic_write_json(directory / f"{name}.json", meta)
+    def save(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None, name: str = "optimizer") -> None:
+        """Write ``<name>.json`` in ``directory`` atomically; ``extra`` (e.g. the loop's bookkeeping) goes along."""
+        atomic_write_json(Path(directory) / f"{name}.json", {**self.state_dict(), "extra": extra or {}})
 
     @classmethod
     def load(cls, directory: str | os.PathLike, name: str = "optimizer") -> tuple[CMAES, dict[str, Any]]:
         """Read what :meth:`save` wrote; returns ``(optimizer, extra)``."""
-        path = Path(directory) / f"{name}.safetensors"
+        path = Path(directory) / f"{name}.json"
         if not path.exists():
+            legacy = path.with_suffix(".safetensors")
+            if legacy.exists():
+                raise _legacy_error(legacy)
             raise NammError(f"No optimizer state at {path}.")
-        with safe_open(str(path), framework="np") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-        if _META_KEY not in header:
-            raise NammError(f"{path} has no embedded optimizer metadata; not written by namm.")
-        meta = json.loads(header[_META_KEY])
-        json_path = path.with_suffix(".json")
-        if not json_path.exists() or _read_json(json_path) != meta:
-            atomic_write_json(json_path, meta)  # the mirror was stale (crash between the two writes)
-        return cls.from_state_dict(tensors, meta), meta.get("extra", {})
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise NammError(f"{path} is not readable JSON ({err}); not an optimizer state written by namm.") from None
+        if not isinstance(state, dict):
+            raise NammError(f"{path} is not an optimizer state written by namm.")
+        if state.get("format") == LEGACY_FORMAT:
+            raise _legacy_error(path)  # names the run's file, not just the format
+        try:
+            opt = cls.from_state_dict(state)
+        except NammError as err:
+            raise NammError(f"{path}: {err}") from None
+        return opt, state.get("extra", {})
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+def _check_format(state: dict[str, Any]) -> None:
+    if state.get("format") == LEGACY_FORMAT:
+        raise NammError(f"This is a {LEGACY_FORMAT} optimizer state; load it with namm at commit {LEGACY_COMMIT}.")
+    if state.get("format") != FORMAT:
+        raise NammError(f"Not a {FORMAT} optimizer state (format={state.get('format')!r}); not written by namm.")
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _floats(value: Any, n: int) -> bool:
+    return (isinstance(value, list) and len(value) == n
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))

@@ -6,13 +6,12 @@ does not disturb other matplotlib users in the process.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
 
+from namm.atomic import atomic_save_figure
 from namm.errors import NammError
-from namm.evolution._io import atomic_write_bytes
 
 
 def read_log(run_dir: str | os.PathLike) -> list[dict]:
@@ -77,7 +76,5 @@ def plot_run(run_dir: str | os.PathLike, out_png: str | os.PathLike | None = Non
             )
     if records:
         ax_fit.set_title(f"{Path(run_dir).name}: {len(records)} generations")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    atomic_write_bytes(out, buf.getvalue())
+    atomic_save_figure(fig, out, dpi=100)
     return out

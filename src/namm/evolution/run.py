@@ -4,8 +4,8 @@ Run directory layout::
 
     recipe.yaml                the recipe (a resumed run must be given the same one)
     prepared.done              marker: the ``prepare`` hook finished (it is not rerun on resume)
-    optimizer.safetensors      complete CMA-ES state + loop bookkeeping after the last finished generation
-    optimizer.json             human-readable mirror of the non-array part of that state
+    optimizer.json             CMA-ES state after the last finished generation (the fitness told, replayed on
+                               resume: :mod:`namm.evolution.optimizer`) + the loop's bookkeeping
     log.jsonl                  one record per finished generation
     full_scores.json           full-cache score per task and sample id (computed once)
     fitness.png                fitness / cache-fraction curves (rewritten every generation)
@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from namm.atomic import atomic_fill_dir, atomic_write_json, atomic_write_text
 from namm.errors import NammError
-from namm.evolution._io import atomic_fill_dir, atomic_write_json, atomic_write_text
 from namm.evolution.backends import LocalBackend, RayBackend
 from namm.evolution.evaluator import (
     Evaluator,
@@ -67,13 +67,6 @@ class EvolveResult:
     best_generation: int | None
 
 
-def save_params(params: np.ndarray, path: Path) -> None:
-    """Default checkpoint writer: ``path/params.safetensors`` with the flat float64 parameter vector."""
-    from safetensors.numpy import save_file
-
-    save_file({"params": np.ascontiguousarray(params, dtype=np.float64)}, str(Path(path) / "params.safetensors"))
-
-
 def make_backend(recipe: Recipe, evaluator_factory: Callable[[], Evaluator]):
     """The recipe's backend: a :class:`LocalBackend` on ``evaluator_factory()`` or a :class:`RayBackend`."""
     if recipe.backend == "ray":
@@ -96,8 +89,8 @@ def evolve(
     evaluator_factory: Callable[[], Evaluator],
     progress: bool = True,
     *,
+    save_checkpoint: Callable[[np.ndarray, Path], None],
     prepare: Callable[[Path], None] | None = None,
-    save_checkpoint: Callable[[np.ndarray, Path], None] | None = None,
     plot: bool = True,
 ) -> EvolveResult:
     """Run (or resume) the evolution described by ``recipe`` in ``run_dir``.
@@ -112,7 +105,7 @@ def evolve(
         prepare: called once with ``run_dir`` before the first generation and before any evaluator is built
             (e.g. to gather normalisation statistics); a marker file keeps it from running again on resume.
         save_checkpoint: ``save_checkpoint(params, directory)`` fills a checkpoint directory with the
-            NAMM parameters (default: :func:`save_params`).
+            NAMM parameters (e.g. :func:`namm.evolution.lm.checkpoint_writer`).
         plot: rewrite ``fitness.png`` after every generation (``plot_run`` can draw it later too).
     """
     if not isinstance(recipe, Recipe):
@@ -126,7 +119,7 @@ def evolve(
             atomic_write_text(run_dir / PREPARED_MARKER, "prepare hook finished\n")
         backend = make_backend(recipe, evaluator_factory)
         try:
-            return _Loop(recipe, run_dir, backend, save_checkpoint or save_params, progress, plot).run()
+            return _Loop(recipe, run_dir, backend, save_checkpoint, progress, plot).run()
         finally:
             backend.close()
 
@@ -177,25 +170,8 @@ def _check_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> None:
     atomic_write_text(recipe_path, recipe.to_yaml())
 
 
-class _NullProgress:
-    """Stand-in for ``rich.progress.Progress`` when progress bars are off."""
-
-    def __enter__(self) -> _NullProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def add_task(self, *args: Any, **kwargs: Any) -> int:
-        return 0
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
 def _progress(enabled: bool):
-    if not enabled:
-        return _NullProgress()
+    """The loop's progress bar on stderr (stdout stays for results); ``enabled=False`` draws nothing."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -213,7 +189,8 @@ def _progress(enabled: bool):
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
-        console=Console(stderr=True),  # stdout stays for results
+        console=Console(stderr=True),
+        disable=not enabled,
     )
 
 
@@ -234,13 +211,13 @@ class _Loop:
     def _load_optimizer(self) -> tuple[CMAES, dict[str, Any]]:
         r = self.recipe
         mean0 = self.backend.initial_params()
-        if (self.run_dir / "optimizer.safetensors").exists():
+        if CMAES.saved_in(self.run_dir):
             opt, book = CMAES.load(self.run_dir)
             expected = {"n_params": len(mean0), "popsize": r.population, "diagonal": r.diagonal, "seed": r.seed,
                         "csa": r.csa}
             got = {k: opt.config.get(k, False) for k in expected}
             if got != expected:
-                raise NammError(f"{self.run_dir}/optimizer.safetensors has config {got}, the recipe needs {expected}.")
+                raise NammError(f"{self.run_dir}/optimizer.json has config {got}, the recipe needs {expected}.")
         else:
             opt, book = CMAES(len(mean0), r.population, r.sigma0, r.seed, r.diagonal, mean0, csa=r.csa), {}
         book.setdefault("best_validation", None)
