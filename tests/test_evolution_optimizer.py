@@ -9,6 +9,7 @@ import pytest
 
 from namm.errors import NammError
 from namm.evolution import CMAES
+from namm.evolution.optimizer import ReplayDrift
 
 TARGET = np.linspace(-0.2, 0.3, 12)
 
@@ -95,6 +96,25 @@ def test_refuses_files_it_did_not_write(tmp_path):
         CMAES.load(tmp_path)
 
 
+def test_a_replay_on_other_numerics_resumes_with_a_warning_not_a_lost_run(tmp_path):
+    opt = CMAES(6, 4, seed=1)
+    for _ in range(3):
+        _step(opt)
+    opt.save(tmp_path)
+    path = tmp_path / "optimizer.json"
+    state = json.loads(path.read_text())
+    # Another machine's replay: the digest differs, the mean and step size agree to the last bits.
+    path.write_text(json.dumps({**state, "digest": "0" * 64, "mean": [v * (1 + 1e-9) for v in state["mean"]]}))
+    with pytest.warns(ReplayDrift, match="not bit for bit"):
+        restored, _ = CMAES.load(tmp_path)
+    np.testing.assert_array_equal(restored.mean, opt.mean)
+    assert restored.generation == 3 and restored.sigma == opt.sigma
+    # A mean that is off by more than rounding is refused, digest or not.
+    path.write_text(json.dumps({**state, "digest": "0" * 64, "mean": [v + 1e-3 for v in state["mean"]]}))
+    with pytest.raises(NammError, match="nor its mean and step size"):
+        CMAES.load(tmp_path)
+
+
 def test_legacy_state_is_refused_with_the_commit_to_resume_with(tmp_path):
     (tmp_path / "optimizer.json").write_text(json.dumps({"format": "namm-cmaes-v1", "config": {}}))
     (tmp_path / "optimizer.safetensors").write_bytes(b"old")
@@ -175,7 +195,9 @@ def test_bad_arguments_and_mismatched_state(tmp_path):
         opt.load_state_dict(state)
     with pytest.raises(NammError, match="initial mean"):
         CMAES(5, 4, mean0=np.ones(5)).load_state_dict(state)
-    with pytest.raises(NammError, match="pycma 0.1"):
+    with pytest.warns(ReplayDrift, match="pycma 0.1"):  # same mean and sigma, other digest: resumes, says why
         CMAES(5, 4).load_state_dict({**state, "pycma_version": "0.1", "digest": "0" * 64})
+    with pytest.raises(NammError, match="pycma 0.1"):
+        CMAES(5, 4).load_state_dict({**state, "pycma_version": "0.1", "digest": "0" * 64, "sigma": 2 * opt.sigma})
     with pytest.raises(NammError, match="No optimizer state"):
         CMAES.load(tmp_path)
