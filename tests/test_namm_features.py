@@ -315,3 +315,23 @@ def test_streamed_spectrogram_other_window_and_hop():
     expected = ema_update(stft_magnitudes(series, 32, 8), ema, birth, 0.99**8)
     torch.testing.assert_close(new_ema, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(new_carry, series[..., -24:], rtol=0, atol=0)
+
+
+def test_recency_lookup_equals_the_direct_code():
+    from namm.memory.features import _recency_lookup  # noqa: PLC0415
+
+    age = torch.tensor([[0, 1, 7, 4095], [4096, 5000, 70_000, 3]])
+    torch.testing.assert_close(_recency_lookup(age, 8, 50_000.0), recency_code(age), rtol=0, atol=0)
+
+
+def test_non_consecutive_query_positions_still_give_birth_frames():
+    """Query positions with gaps (not what the cache produces) fall back to a search; same as the reference."""
+    b, h, q = 1, 1, 32
+    qpos = torch.cat([torch.arange(100, 116), torch.arange(200, 216)])
+    pos = torch.cat([torch.tensor([5, 50]), qpos]).view(1, 1, -1)
+    t = pos.shape[-1]
+    att = torch.rand(b, h, q, t, generator=torch.Generator().manual_seed(9))
+    _, new_ema, _ = step_features(make_step(att, pos, query_positions=qpos), CFG, FeatureNormaliser())
+    birth = torch.cat([torch.zeros(2, dtype=torch.long), torch.arange(q) // 16]).view(1, 1, -1)
+    series = torch.cat([torch.zeros(b, h, t, 16), att.transpose(-1, -2)], dim=-1)
+    torch.testing.assert_close(new_ema, ema_update(stft_magnitudes(series), torch.zeros(b, h, t, 17), birth, A))

@@ -66,6 +66,20 @@ def recency_code(age: torch.Tensor, dim: int = 8, max_freq: float = 50_000.0) ->
     return torch.cat([angle.sin(), angle.cos()], dim=-1).float().to(age.device)
 
 
+@functools.lru_cache(maxsize=8)
+def _recency_table(rows: int, dim: int, max_freq: float, device: torch.device) -> torch.Tensor:
+    """``(rows, dim)`` float32 :func:`recency_code` of ages ``0 .. rows - 1`` (cached; do not modify)."""
+    return recency_code(torch.arange(rows, device=device), dim, max_freq)
+
+
+def _recency_lookup(age: torch.Tensor, dim: int, max_freq: float) -> torch.Tensor:
+    """:func:`recency_code` of ``(...)`` non-negative integer ages, read from a cached table (the same values)."""
+    if age.numel() == 0:
+        return recency_code(age, dim, max_freq)
+    rows = 1 << max(12, int(age.max()).bit_length())  # powers of two: few tables however long the context
+    return _recency_table(rows, dim, max_freq, age.device)[age]
+
+
 class FeatureNormaliser:
     """Global mean/std of the spectral features, merged over valid tokens with Chan's parallel update.
 
@@ -321,7 +335,10 @@ def step_features(
     else:
         # Tokens born inside this step start from an empty state and carry, whatever the runtime stored.
         old = (pos < qpos[0]).unsqueeze(-1)
-        birth = torch.searchsorted(qpos.contiguous(), pos.contiguous())  # local query index; 0 for old tokens
+        if q == 1 or int(qpos[-1] - qpos[0]) == q - 1:  # consecutive query positions (always, from the cache)
+            birth = (pos - qpos[0]).clamp(min=0, max=q)  # local query index; 0 for old tokens
+        else:
+            birth = torch.searchsorted(qpos.contiguous(), pos.contiguous())
         birth_frame = torch.div(birth + pad, config.hop, rounding_mode="floor")
         birth_frame = torch.where(old.squeeze(-1), torch.zeros_like(birth_frame), birth_frame)
         new_ema, new_carry = streamed_spectrogram_ema(
@@ -340,7 +357,7 @@ def step_features(
         spectral = standardise_per_head(torch.log(new_ema + LOG_FLOOR), valid)
     else:
         spectral = normaliser.normalise(new_ema)
-    parts = [recency_code(age, config.recency_dim, config.recency_max_freq), spectral]
+    parts = [_recency_lookup(age, config.recency_dim, config.recency_max_freq), spectral]
     if config.key_norm_feature:
         norms = torch.log(step.keys.float().norm(dim=-1) + LOG_FLOOR)  # (B, H, T)
         parts.append(standardise_per_head(norms.unsqueeze(-1), valid))
