@@ -25,7 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = {"streaming": "StreamingLLMPress(n_sink=4)", "snapkv": "SnapKVPress(window_size=64, kernel_size=5)",
          "l2": "KnormPress"}
-REQUIREMENTS = ["kvpress>=0.5,<0.6", "transformers>=4.56,<5.3", "accelerate"]
+# torch pinned to the CPU wheel on this machine's disk: a looser requirement pulls a multi-GB CUDA build.
+REQUIREMENTS = ["torch==2.13.0", "kvpress>=0.5,<0.6", "transformers>=4.56,<5.3", "accelerate"]
 
 
 def setup(env: Path) -> Path:

@@ -20,6 +20,7 @@ from _report import make_ids, write_section
 from transformers import DynamicCache
 
 import namm
+from namm.cache import cache_argument
 from namm.policies import H2O, Full, L2Norm, Random, SnapKV, StreamingLLM
 
 
@@ -30,12 +31,12 @@ def plain_transformers(model, ids: torch.Tensor, new_tokens: int) -> dict:
     try:
         cache = DynamicCache(config=model.config)
         t0 = time.perf_counter()
-        logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = model(ids, **{cache_argument(model): cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
         prefill = time.perf_counter() - t0
         t1 = time.perf_counter()
         for _ in range(new_tokens - 1):
             token = logits.argmax(-1, keepdim=True)
-            logits = model(token, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(token, **{cache_argument(model): cache}, use_cache=True).logits[:, -1]
         decode = (time.perf_counter() - t1) / max(new_tokens - 1, 1)
         kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     finally:

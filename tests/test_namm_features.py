@@ -7,12 +7,39 @@ import pytest
 import torch
 
 from namm.errors import NammError
-from namm.memory import FeatureNormaliser, NAMMConfig, recency_code, step_features, stft_magnitudes
-from namm.memory.features import ema_update, frame_weights
+from namm.memory import FeatureNormaliser, NAMMConfig, recency_code, step_features
+from namm.memory.features import hann_window, streamed_spectrogram_ema
 from namm.policies.base import MemoryStep
 
 CFG = NAMMConfig()
 A = 0.99**16
+
+
+# ---------------------------------------------------------------- reference implementations (torch.stft, closed form)
+def stft_magnitudes(signal: torch.Tensor, n_fft: int = 32, hop: int = 16) -> torch.Tensor:
+    """Reference STFT: ``(..., L)`` -> ``(..., F, n_fft // 2 + 1)`` float32 ``|torch.stft|`` (Hann, no centering)."""
+    lead, length = signal.shape[:-1], signal.shape[-1]
+    n_bins = n_fft // 2 + 1
+    if length < n_fft or signal.numel() == 0:
+        n_frames = 0 if length < n_fft else (length - n_fft) // hop + 1
+        return signal.new_zeros((*lead, n_frames, n_bins), dtype=torch.float32)
+    assert (length - n_fft) % hop == 0
+    flat = signal.reshape(-1, length).float()
+    spec = torch.stft(flat, n_fft=n_fft, hop_length=hop, win_length=n_fft, window=hann_window(n_fft),
+                      center=False, normalized=False, onesided=True, return_complex=True)  # (N, n_bins, F)
+    return spec.abs().transpose(-1, -2).reshape(*lead, -1, n_bins)
+
+
+def frame_weights(n_frames: int, a: float) -> torch.Tensor:
+    """``(F,)`` float32 EMA weights ``(1 - a) * a ** (F - 1 - f)``: the newest frame gets ``1 - a``."""
+    return ((1.0 - a) * a ** torch.arange(n_frames - 1, -1, -1, dtype=torch.float64)).float()
+
+
+def ema_update(spec: torch.Tensor, old_state: torch.Tensor, birth_frame: torch.Tensor, a: float) -> torch.Tensor:
+    """Reference EMA: ``(..., F, K)`` frames -> ``sum_f (1-a) a^(F-1-f) [f >= birth] spec[f] + a^F old_state``."""
+    n_frames = spec.shape[-2]
+    coef = frame_weights(n_frames, a) * (torch.arange(n_frames) >= birth_frame.unsqueeze(-1))  # (..., F)
+    return torch.einsum("...f,...fk->...k", coef, spec.float()) + (a**n_frames) * old_state.float()
 
 
 def make_step(attention, positions, valid=None, query_positions=None) -> MemoryStep:
@@ -226,3 +253,85 @@ def test_normaliser_refuses_to_freeze_empty_and_clamps_sigma():
     out = norm.normalise(torch.full((1, 17), 2.0))
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, torch.full((1, 17), 1.0 / 1e-7), rtol=1e-5, atol=0)
+
+
+def blocked_step(att: torch.Tensor, positions: torch.Tensor, query_positions: torch.Tensor, seen: list) -> MemoryStep:
+    """A step that hands its attention out in blocks, as the cache does: ``(B, H, L, V)`` with ``V = T - Q + hi``."""
+    b, h, q, t = att.shape
+
+    def blocks(bounds):
+        seen.append(list(bounds))
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            yield att[:, :, lo:hi, : t - q + hi].contiguous()
+
+    step = make_step(att, positions, query_positions=query_positions)
+    step.attention, step.attention_stream = None, blocks
+    return step
+
+
+@pytest.mark.parametrize(("q", "n_old", "block"), [(512, 300, 64), (512, 0, 64), (40, 7, 64), (100, 33, 16),
+                                                    (96, 50, 48), (8, 5, 64), (512, 1000, 256)])
+def test_streamed_spectrogram_matches_the_reference_stft_and_ema(q, n_old, block):
+    """The fast path (blocks, DFT products, closed-form EMA) equals torch.stft + the EMA formula, any block size."""
+    b, h = 2, 3
+    g = torch.Generator().manual_seed(q + n_old + block)
+    t = n_old + q
+    q0 = 5000
+    old_pos = torch.sort(torch.randperm(q0, generator=g)[:n_old]).values
+    pos = torch.cat([old_pos, torch.arange(q0, q0 + q)]).expand(b, h, t).clone()
+    att = torch.rand(b, h, q, t, generator=g)
+    att[..., n_old:] *= torch.ones(q, q).tril()  # causal over the step's own tokens
+    old = (pos < q0)
+    carry = torch.rand(b, h, t, 16, generator=g) * old[..., None]
+    ema = torch.rand(b, h, t, 17, generator=g) * old[..., None]
+    pad = (-q) % 16
+    birth = torch.where(old, 0, (pos - q0 + pad) // 16)
+    seen: list = []
+    step = blocked_step(att, pos, torch.arange(q0, q0 + q), seen)
+    new_ema, new_carry = streamed_spectrogram_ema(step, ema, carry, birth, pad, CFG, block=block)
+    assert seen and all(bound[-1] == q for bound in seen)
+
+    series = torch.cat([carry, torch.zeros(b, h, t, pad), att.transpose(-1, -2)], dim=-1)
+    expected = ema_update(stft_magnitudes(series), ema, birth, A)
+    torch.testing.assert_close(new_ema, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(new_carry, series[..., -16:], rtol=0, atol=0)
+
+
+def test_streamed_spectrogram_other_window_and_hop():
+    """A config with a different n_fft/hop (carry 24, wider than a hop) still matches the reference."""
+    cfg = NAMMConfig(n_fft=32, hop=8, delay=64)
+    b, h, q, t = 1, 2, 64, 90
+    g = torch.Generator().manual_seed(7)
+    att = torch.rand(b, h, q, t, generator=g)
+    att[..., t - q :] *= torch.ones(q, q).tril()
+    pos = torch.arange(t).expand(b, h, t).clone()
+    carry = torch.rand(b, h, t, 24, generator=g)
+    carry[:, :, t - q :] = 0
+    ema = torch.zeros(b, h, t, 17)
+    birth = torch.where(pos < t - q, 0, (pos - (t - q)) // 8)
+    step = blocked_step(att, pos, torch.arange(t - q, t), [])
+    new_ema, new_carry = streamed_spectrogram_ema(step, ema, carry, birth, 0, cfg, block=16)
+    series = torch.cat([carry, att.transpose(-1, -2)], dim=-1)
+    expected = ema_update(stft_magnitudes(series, 32, 8), ema, birth, 0.99**8)
+    torch.testing.assert_close(new_ema, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(new_carry, series[..., -24:], rtol=0, atol=0)
+
+
+def test_recency_lookup_equals_the_direct_code():
+    from namm.memory.features import _recency_lookup  # noqa: PLC0415
+
+    age = torch.tensor([[0, 1, 7, 4095], [4096, 5000, 70_000, 3]])
+    torch.testing.assert_close(_recency_lookup(age, 8, 50_000.0), recency_code(age), rtol=0, atol=0)
+
+
+def test_non_consecutive_query_positions_still_give_birth_frames():
+    """Query positions with gaps (not what the cache produces) fall back to a search; same as the reference."""
+    b, h, q = 1, 1, 32
+    qpos = torch.cat([torch.arange(100, 116), torch.arange(200, 216)])
+    pos = torch.cat([torch.tensor([5, 50]), qpos]).view(1, 1, -1)
+    t = pos.shape[-1]
+    att = torch.rand(b, h, q, t, generator=torch.Generator().manual_seed(9))
+    _, new_ema, _ = step_features(make_step(att, pos, query_positions=qpos), CFG, FeatureNormaliser())
+    birth = torch.cat([torch.zeros(2, dtype=torch.long), torch.arange(q) // 16]).view(1, 1, -1)
+    series = torch.cat([torch.zeros(b, h, t, 16), att.transpose(-1, -2)], dim=-1)
+    torch.testing.assert_close(new_ema, ema_update(stft_magnitudes(series), torch.zeros(b, h, t, 17), birth, A))

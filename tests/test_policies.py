@@ -11,6 +11,7 @@ import namm
 from conftest import random_prompt, with_cache
 from namm.errors import NammError
 from namm.policies import (
+    ALL_QUERIES,
     H2O,
     POLICIES,
     BudgetSchedule,
@@ -19,6 +20,7 @@ from namm.policies import (
     MemoryStep,
     Random,
     SnapKV,
+    StepRequest,
     StreamingLLM,
     make_policy,
 )
@@ -131,3 +133,48 @@ def test_registry_lists_every_policy():
     assert set(POLICIES) >= {"full", "streaming", "h2o", "l2", "snapkv", "random"}
     assert isinstance(make_policy("StreamingLLM", budget=8), StreamingLLM)
     assert make_policy("snapkv", budget=0.5, window=16).request.queries == 16
+
+
+def test_h2o_streamed_sum_equals_the_whole_attention_sum():
+    """H2O reads the attention in blocks; its accumulated scores equal the sum of the whole (Q, T) matrix."""
+    g = torch.Generator().manual_seed(0)
+    b, h, q, t = 2, 3, 300, 420
+    att = torch.rand(b, h, q, t, generator=g)
+    att[..., t - q :] *= torch.ones(q, q).tril()
+    keys = torch.zeros(b, h, t, 4)
+    pos = torch.arange(t).expand(b, h, t).clone()
+    valid = torch.ones(b, h, t, dtype=torch.bool)
+    old = torch.rand(b, h, t, generator=g)
+    whole = MemoryStep(0, 1, keys, keys, pos, valid, att, torch.arange(t - q, t), t, torch.tensor([t, t]),
+                       state={"h2o_acc": old.clone()})
+
+    def blocks(bounds):
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            yield att[:, :, lo:hi, : t - q + hi]
+
+    streamed = MemoryStep(0, 1, keys, keys, pos, valid, None, torch.arange(t - q, t), t, torch.tensor([t, t]),
+                          state={"h2o_acc": old.clone()}, attention_stream=blocks)
+    policy = H2O(budget=50)
+    torch.testing.assert_close(policy.score(streamed), policy.score(whole))
+    torch.testing.assert_close(streamed.state["h2o_acc"], old + att.sum(dim=2))
+    torch.testing.assert_close(streamed.state["h2o_acc"], whole.state["h2o_acc"])
+
+
+def test_h2o_streaming_matches_the_recomputed_matrix_in_a_cache(llama, tokenizer):
+    """Through the cache: H2O streaming the attention keeps the same tokens as H2O given the whole matrix."""
+
+    class WholeMatrixH2O(H2O):
+        request = StepRequest(queries=ALL_QUERIES)
+
+    ids = tokenizer(random_prompt(120), return_tensors="pt").input_ids
+    caches = []
+    for policy in (H2O(budget=20), WholeMatrixH2O(budget=20)):
+        cache = namm.MemoryCache(llama, policy, delay=32)
+        with torch.no_grad():
+            for s in range(0, ids.shape[1], 16):
+                llama(ids[:, s : s + 16], **with_cache(llama, cache))
+        caches.append(cache)
+    for a, b in zip(caches[0].managed, caches[1].managed, strict=True):
+        torch.testing.assert_close(a.state["h2o_acc"], b.state["h2o_acc"], rtol=1e-5, atol=1e-6)
+        assert torch.equal(a.positions[a.valid], b.positions[b.valid])
+    assert len(caches[0].stats.steps) == len(caches[1].stats.steps) > 0

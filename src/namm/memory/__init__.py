@@ -2,7 +2,7 @@
 
 from namm.memory.bam import bam_scores, flatten, param_count, unflatten
 from namm.memory.config import NAMMConfig
-from namm.memory.features import FeatureNormaliser, recency_code, step_features, stft_magnitudes
+from namm.memory.features import FeatureNormaliser, recency_code, step_features
 from namm.memory.policy import NAMM, bundled_checkpoints
 
 __all__ = [
@@ -14,7 +14,6 @@ __all__ = [
     "flatten",
     "param_count",
     "recency_code",
-    "stft_magnitudes",
     "step_features",
     "unflatten",
 ]

@@ -8,6 +8,12 @@ For every (batch row, KV head), on that head's valid cached tokens with features
 3. ``[r, m] = attn @ W_out + b_out`` (32 -> 2 x 25), ``h = z * (1 + m) + r``,
 4. ``score = h @ w_head + b_head`` (25 -> 1).
 
+Shortcuts, exact up to float rounding: when the value part of ``W_qkv`` is zero (e.g. a search that only
+moves the linear head), every value is ``b_v`` and so is every softmax average of them, so the attention is
+not computed; when ``W_out`` is zero, ``[r, m] = b_out`` whatever the attention. Option (``bam_window``, off
+by default, a deviation from the reference): each token attends only to itself and its ``bam_window - 1``
+next newer tokens, ``O(T window)`` instead of ``O(T^2)``.
+
 Flat layout (4,172 values for the default config): ``[qkv weight (in x out, row-major), qkv bias,
 out weight (in x out), out bias, head weight (in x out), head bias, depth logits]``; the biases are absent
 when ``bam_bias`` is false, and the ``depth_knots`` depth logits (the budgeted mode's allocation over
@@ -74,8 +80,23 @@ def flatten(named: dict[str, torch.Tensor], config: NAMMConfig | None = None) ->
     return torch.cat(parts, dim=-1)
 
 
-def _backward_attention(
+def _sort_newest_first(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Gather index ``(B, H, nh, T, hd)`` and ``q, k, v`` reordered: newest valid slot first, invalid slots last."""
+    b, h, nh, t, hd = q.shape
+    order = torch.where(valid, -positions, torch.iinfo(positions.dtype).max).argsort(dim=-1, stable=True)
+    idx = order[:, :, None, :, None].expand(b, h, nh, t, hd)
+    return idx, [x.gather(3, idx).reshape(b * h, nh, t, hd) for x in (q, k, v)]
+
+
+def _backward_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    window: int = 0,
 ) -> torch.Tensor:
     """Backward-masked softmax attention: every valid slot attends to itself and the newer valid slots.
 
@@ -83,10 +104,15 @@ def _backward_attention(
     becomes "``j`` comes no later than ``i``", a causal mask, and the invalid keys come after every valid
     query, so causality hides them too. One fused SDPA call, no ``T x T`` mask in memory.
 
+    With ``window > 0`` (an option, not the reference) a slot attends only to itself and the ``window - 1``
+    valid slots just newer than it: a sliding causal window in the sorted order, computed in chunks of
+    ``window`` queries that see their own chunk and the previous one, so the cost is ``O(T window)``.
+
     Args:
         q, k, v: ``(B, H, nh, T, hd)`` float32.
         positions: ``(B, H, T)`` order of the slots (larger = newer).
         valid: ``(B, H, T)`` bool; invalid slots are never attended to by valid slots.
+        window: 0 (every newer slot) or the number of slots each slot attends to, itself included.
 
     Returns:
         ``(B, H, nh, T, hd)``, in the original slot order. Every slot attends at least to itself.
@@ -94,11 +120,39 @@ def _backward_attention(
     b, h, nh, t, hd = q.shape
     if t == 0:
         return q.clone()
-    order = torch.where(valid, -positions, torch.iinfo(positions.dtype).max).argsort(dim=-1, stable=True)
-    idx = order[:, :, None, :, None].expand(b, h, nh, t, hd)
-    qs, ks, vs = (x.gather(3, idx).reshape(b * h, nh, t, hd) for x in (q, k, v))
-    out = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+    idx, (qs, ks, vs) = _sort_newest_first(q, k, v, positions, valid)
+    if window <= 0 or window >= t:
+        out = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+    else:
+        out = _windowed_causal_attention(qs, ks, vs, window)
     return torch.empty_like(q).scatter_(3, idx, out.reshape(b, h, nh, t, hd))
+
+
+def _windowed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """``(N, nh, T, hd)`` causal attention where query ``i`` sees keys ``i - window + 1 .. i`` only.
+
+    Chunks of ``window`` queries attend to their own chunk and the previous one (``2 window`` keys) under a
+    banded mask; keys before the sequence (the first chunk's previous chunk) are masked.
+    """
+    n, nh, t, hd = q.shape
+    w = window
+    chunks = -(-t // w)
+    pad = chunks * w - t
+    if pad:  # padding at the end: later than every real query, so causality hides it
+        q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    qc = q.view(n, nh, chunks, w, hd)
+    kc, vc = (
+        torch.cat([torch.nn.functional.pad(x, (0, 0, w, 0))[:, :, : chunks * w].view(n, nh, chunks, w, hd),
+                   x.view(n, nh, chunks, w, hd)], dim=3)
+        for x in (k, v)
+    )  # (N, nh, chunks, 2w, hd): previous chunk, then own chunk
+    i = torch.arange(w, device=q.device)[:, None]
+    m = torch.arange(2 * w, device=q.device)[None, :]
+    band = (m > i) & (m <= i + w)  # key m of [previous, own] is query i's key (i - w, i]
+    mask = band.expand(chunks, w, 2 * w).clone()
+    mask[0, :, :w] = False  # the first chunk has no previous chunk
+    out = torch.nn.functional.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask)
+    return out.reshape(n, nh, chunks * w, hd)[:, :, :t]
 
 
 def bam_scores(
@@ -108,7 +162,7 @@ def bam_scores(
     config: NAMMConfig | None = None,
     positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Score every cached token.
+    """Score every cached token (the attention is skipped when zero weights make it irrelevant, see above).
 
     Args:
         features: ``(B, H, T, d)`` token features (``d = config.feature_dim``, 25 by default).
@@ -120,6 +174,18 @@ def bam_scores(
     Returns:
         ``(B, H, T)`` float32 scores (``-inf`` for invalid slots).
     """
+    return _bam_scores(features, valid, params, config, positions, shortcuts=True)
+
+
+def _bam_scores(
+    features: torch.Tensor,
+    valid: torch.Tensor,
+    params: torch.Tensor,
+    config: NAMMConfig | None,
+    positions: torch.Tensor | None,
+    shortcuts: bool,
+) -> torch.Tensor:
+    """:func:`bam_scores`, with the shortcuts on or off."""
     config = config or NAMMConfig()
     b, h, t, d = features.shape
     if d != config.feature_dim:
@@ -145,10 +211,21 @@ def bam_scores(
         return y if bias is None else y + bias.view(rows, 1, 1, -1)
 
     z = features.float()
-    qkv = linear(z, "qkv").view(b, h, t, 3, nh, hd).permute(3, 0, 1, 4, 2, 5)  # (3, B, H, nh, T, hd)
-    attn = _backward_attention(qkv[0], qkv[1], qkv[2], positions, valid)
-    attn = attn.transpose(2, 3).reshape(b, h, t, nh * hd)
-    r, m = linear(attn, "out").split(d, dim=-1)
+    if shortcuts and not bool(w["out_weight"].any()):  # the attention cannot reach [r, m] = b_out
+        out_bias = w.get("out_bias")
+        rm = z.new_zeros(rows, 1, 1, 2 * d) if out_bias is None else out_bias.view(rows, 1, 1, 2 * d)
+        r, m = rm.expand(b, h, t, 2 * d).split(d, dim=-1)
+    else:
+        if shortcuts and not bool(w["qkv_weight"][..., 2 * nh * hd :].any()):
+            # Zero value weights: every value is the value bias, so is every softmax average of them.
+            bias = w.get("qkv_bias")
+            v_bias = z.new_zeros(rows, nh * hd) if bias is None else bias[:, 2 * nh * hd :]
+            attn = v_bias.view(rows, 1, 1, nh * hd).expand(b, h, t, nh * hd)
+        else:
+            qkv = linear(z, "qkv").view(b, h, t, 3, nh, hd).permute(3, 0, 1, 4, 2, 5)  # (3, B, H, nh, T, hd)
+            attn = _backward_attention(qkv[0], qkv[1], qkv[2], positions, valid, config.bam_window)
+            attn = attn.transpose(2, 3).reshape(b, h, t, nh * hd)
+        r, m = linear(attn, "out").split(d, dim=-1)
     score = linear(z * (1.0 + m) + r, "head").squeeze(-1)
     return score.masked_fill(~valid, float("-inf"))
 

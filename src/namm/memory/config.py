@@ -12,7 +12,10 @@ from namm.errors import NammError
 SELECTION_MODES = ("per_layer", "per_head")
 SPECTRAL_NORMS = ("global", "per_head")
 #: Fields added after the first checkpoint format: a checkpoint without them takes their defaults.
-OPTIONAL_FIELDS = frozenset({"budget", "depth_knots", "spectral_norm", "key_norm_feature"})
+OPTIONAL_FIELDS = frozenset({"budget", "depth_knots", "spectral_norm", "key_norm_feature", "bam_window"})
+#: Options shown by ``repr`` and written by ``to_dict`` only when set, so that adding them left every existing
+#: policy fingerprint (and the harness records keyed by it) and checkpoint file unchanged.
+REPR_WHEN_SET = frozenset({"bam_window"})
 
 
 @dataclass
@@ -30,6 +33,9 @@ class NAMMConfig:
         bam_hidden: head dimension of the BAM attention (q, k and v each have ``bam_heads * bam_hidden``).
         bam_heads: number of BAM attention heads.
         bam_bias: whether the three BAM linear layers have a bias.
+        bam_window: 0 (the reference: a token's BAM attention covers every newer token) or, as an option that
+            deviates from the reference, the number of tokens it covers: itself and the ``bam_window - 1``
+            next newer ones, so the BAM costs ``O(T bam_window)`` instead of ``O(T^2)`` per step.
         selection: ``"per_layer"`` (the reference: every head of a batch row keeps as many tokens as its head
             with the most non-negative scores) or ``"per_head"`` (each head keeps exactly its non-negative ones).
         always_keep_newest: the newest token of every head is kept whatever its score.
@@ -56,6 +62,7 @@ class NAMMConfig:
     bam_hidden: int = 32
     bam_heads: int = 1
     bam_bias: bool = True
+    bam_window: int = 0
     selection: str = "per_layer"
     always_keep_newest: bool = True
     norm_eps: float = 1e-7
@@ -67,6 +74,10 @@ class NAMMConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    def __repr__(self) -> str:
+        shown = [f for f in fields(self) if f.name not in REPR_WHEN_SET or getattr(self, f.name) != f.default]
+        return f"{type(self).__name__}({', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in shown)})"
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -92,7 +103,8 @@ class NAMMConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise :class:`NammError` naming the first invalid field."""
-        ints = ("n_fft", "hop", "recency_dim", "recency_offset", "bam_hidden", "bam_heads", "delay", "depth_knots")
+        ints = ("n_fft", "hop", "recency_dim", "recency_offset", "bam_hidden", "bam_heads", "bam_window", "delay",
+                "depth_knots")
         for name in ints:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
@@ -120,6 +132,8 @@ class NAMMConfig:
             raise NammError(
                 f"NAMMConfig.bam_hidden and bam_heads must be >= 1, got {self.bam_hidden} and {self.bam_heads}."
             )
+        if self.bam_window < 0:
+            raise NammError(f"NAMMConfig.bam_window must be 0 (every newer token) or >= 1, got {self.bam_window}.")
         if self.selection not in SELECTION_MODES:
             raise NammError(f"NAMMConfig.selection must be one of {SELECTION_MODES}, got {self.selection!r}.")
         if self.norm_eps <= 0:
@@ -136,7 +150,13 @@ class NAMMConfig:
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every field, except the options of :data:`REPR_WHEN_SET` left at their default (checkpoint files stay
+        as they were; :meth:`from_dict` gives them their defaults back)."""
+        data = asdict(self)
+        for f in fields(self):
+            if f.name in REPR_WHEN_SET and data[f.name] == f.default:
+                del data[f.name]
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, *, strict: bool = True) -> NAMMConfig:

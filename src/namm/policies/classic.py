@@ -8,11 +8,21 @@ every other score, as kvpress does.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from namm.errors import NammError
-from namm.policies.base import ALL_QUERIES, BudgetPolicy, MemoryStep, Policy, StepRequest, protect, recent_mask
+from namm.policies.base import (
+    ALL_QUERIES,
+    BudgetPolicy,
+    MemoryStep,
+    Policy,
+    StepRequest,
+    protect,
+    read_attention,
+    recent_mask,
+)
 
 
 @dataclass
@@ -51,12 +61,18 @@ class H2O(BudgetPolicy):
     """
 
     name = "h2o"
-    request = StepRequest(queries=ALL_QUERIES)
+    request = StepRequest(queries=ALL_QUERIES, stream=True)
     recent_ratio: float = 0.5
+    #: Queries per block of recomputed attention (the attention is summed block by block, never stored whole).
+    block: ClassVar[int] = 128
 
     def score(self, step: MemoryStep) -> torch.Tensor:
-        acc = step.state.get("h2o_acc", torch.zeros_like(step.positions, dtype=torch.float32))
-        acc = acc + step.attention.sum(dim=2)
+        acc = step.state.get("h2o_acc")
+        acc = torch.zeros_like(step.positions, dtype=torch.float32) if acc is None else acc.clone()
+        q = step.query_positions.shape[0] if step.query_positions is not None else 0
+        if q:
+            for att in read_attention(step, [*range(0, q, self.block), q]):  # (B, H, L, V)
+                acc[..., : att.shape[-1]] += att.sum(dim=2)
         step.state["h2o_acc"] = acc
         recent = int(self.budget_tokens(step).max().item() * self.recent_ratio)
         return protect(acc, recent_mask(step, recent))
