@@ -12,10 +12,11 @@ from namm.errors import NammError
 SELECTION_MODES = ("per_layer", "per_head")
 SPECTRAL_NORMS = ("global", "per_head")
 #: Fields added after the first checkpoint format: a checkpoint without them takes their defaults.
-OPTIONAL_FIELDS = frozenset({"budget", "depth_knots", "spectral_norm", "key_norm_feature", "bam_window"})
+OPTIONAL_FIELDS = frozenset({"budget", "depth_knots", "spectral_norm", "key_norm_feature", "bam_window",
+                             "query_entropy_feature"})
 #: Options shown by ``repr`` and written by ``to_dict`` only when set, so that adding them left every existing
 #: policy fingerprint (and the harness records keyed by it) and checkpoint file unchanged.
-REPR_WHEN_SET = frozenset({"bam_window"})
+REPR_WHEN_SET = frozenset({"bam_window", "query_entropy_feature"})
 
 
 @dataclass
@@ -51,6 +52,11 @@ class NAMMConfig:
             ``"per_head"`` (a deviation: log magnitudes standardised over each head's valid tokens at every
             step, which does not drift with the context length).
         key_norm_feature: append each token's key norm (log, standardised per head and step) to its features.
+        query_entropy_feature: append the entropy of the token's own attention row as a query (averaged over
+            the query heads of its KV head, divided by the log of the slots it could see), computed once at the
+            memory step whose queries include it and standardised per head and step. Repeated text attends
+            broadly to its earlier copies, new information sharply (docs/evolution.md, "Which attention signals
+            mark a needle"). A deviation from the reference, off by default.
     """
 
     n_fft: int = 32
@@ -71,6 +77,7 @@ class NAMMConfig:
     depth_knots: int = 0
     spectral_norm: str = "global"
     key_norm_feature: bool = False
+    query_entropy_feature: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -92,8 +99,9 @@ class NAMMConfig:
 
     @property
     def feature_dim(self) -> int:
-        """Size of a token's feature vector: recency code, spectrum, optional key norm (25 by default)."""
-        return self.recency_dim + self.n_spec + int(self.key_norm_feature)
+        """Size of a token's feature vector: recency code, spectrum, optional key norm and query entropy (25 by
+        default)."""
+        return self.recency_dim + self.n_spec + int(self.key_norm_feature) + int(self.query_entropy_feature)
 
     @property
     def frame_decay(self) -> float:
@@ -113,7 +121,7 @@ class NAMMConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise NammError(f"NAMMConfig.{name} must be a finite number, got {v!r}.")
-        for name in ("bam_bias", "always_keep_newest", "key_norm_feature"):
+        for name in ("bam_bias", "always_keep_newest", "key_norm_feature", "query_entropy_feature"):
             if not isinstance(getattr(self, name), bool):
                 raise NammError(f"NAMMConfig.{name} must be true or false, got {getattr(self, name)!r}.")
         if self.n_fft < 2 or self.n_fft % 2:

@@ -35,6 +35,8 @@ from namm.policies.base import MemoryStep, read_attention
 
 EMA_KEY = "namm_ema"
 CARRY_KEY = "namm_carry"
+#: ``(B, H, T, 1)`` per-token state: the normalised entropy of the token's own query row (query_entropy_feature).
+QUERY_ENTROPY_KEY = "namm_query_entropy"
 
 
 def hann_window(
@@ -215,6 +217,7 @@ def streamed_spectrogram_ema(
     pad: int,
     config: NAMMConfig,
     block: int = 64,
+    entropy_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold one memory step's attention into the EMA of its STFT magnitudes, streaming over query blocks.
 
@@ -235,6 +238,8 @@ def streamed_spectrogram_ema(
         old_carry: ``(B, H, T, n_fft - hop)`` previous step's last attention values, zero for new tokens.
         birth_frame: ``(B, H, T)`` int64 first frame each token may receive (0 for old tokens).
         pad: zero queries in front of the step's ``Q`` so that ``pad + Q`` is a multiple of ``hop``.
+        entropy_out: optional ``(B, H, Q)`` float32 buffer, filled with each query row's attention entropy
+            (nats; zero for padding rows) from the same blocks, so the attention is read once.
 
     Returns:
         ``new_ema`` ``(B, H, T, K)`` and ``new_carry`` ``(B, H, T, n_fft - hop)``, both float32.
@@ -250,8 +255,11 @@ def streamed_spectrogram_ema(
     tail = [old_carry.transpose(-1, -2).contiguous()]
     first_new = max(t - q, 0)  # the step's queries' own tokens are its last q slots, in order
     frame = 0
-    for i, att in enumerate(read_attention(step, _query_bounds(q, pad, hop, block))):
+    bounds = _query_bounds(q, pad, hop, block)
+    for i, att in enumerate(read_attention(step, bounds)):
         vis = att.shape[-1]
+        if entropy_out is not None:
+            entropy_out[:, :, bounds[i] : bounds[i + 1]] = -torch.xlogy(att, att).sum(-1)
         pieces = [*tail, *([old_ema.new_zeros(b, h, pad, 0)] if i == 0 and pad else []), att]
         starts = [0]
         for piece in pieces:
@@ -310,8 +318,13 @@ def step_features(
         carry: ``(B, H, T, n_fft - hop)`` last attention values of the previous step (``None``: zeros).
         update_stats: merge the new EMA state of the valid slots into ``normaliser`` before normalising.
 
+    With ``config.query_entropy_feature``, the per-token query entropy lives in ``step.state`` under
+    :data:`QUERY_ENTROPY_KEY` (``(B, H, T, 1)``): the step's own tokens (its last ``Q`` slots) get the entropy of
+    their query row divided by ``log(1 + slots they could see)``, older tokens keep theirs, and the state is
+    written back to ``step.state`` here.
+
     Returns:
-        ``features`` ``(B, H, T, recency_dim + n_spec)`` float32 (zero for invalid slots),
+        ``features`` ``(B, H, T, config.feature_dim)`` float32 (zero for invalid slots),
         ``new_ema`` ``(B, H, T, n_spec)`` and ``new_carry`` ``(B, H, T, n_fft - hop)`` (zero for invalid slots).
     """
     if (step.attention is None and step.attention_stream is None) or step.query_positions is None:
@@ -330,6 +343,7 @@ def step_features(
     old_carry = _stored(carry, (b, h, t, n_carry), CARRY_KEY, pos)
     pad = (-q) % config.hop
 
+    entropy = pos.new_zeros((b, h, q), dtype=torch.float32) if config.query_entropy_feature and q else None
     if q == 0:
         new_ema, new_carry = old_ema, old_carry
     else:
@@ -342,7 +356,8 @@ def step_features(
         birth_frame = torch.div(birth + pad, config.hop, rounding_mode="floor")
         birth_frame = torch.where(old.squeeze(-1), torch.zeros_like(birth_frame), birth_frame)
         new_ema, new_carry = streamed_spectrogram_ema(
-            step, old_ema.masked_fill(~old, 0.0), old_carry.masked_fill(~old, 0.0), birth_frame, pad, config
+            step, old_ema.masked_fill(~old, 0.0), old_carry.masked_fill(~old, 0.0), birth_frame, pad, config,
+            entropy_out=entropy,
         )
 
     keep = valid.unsqueeze(-1)
@@ -361,8 +376,25 @@ def step_features(
     if config.key_norm_feature:
         norms = torch.log(step.keys.float().norm(dim=-1) + LOG_FLOOR)  # (B, H, T)
         parts.append(standardise_per_head(norms.unsqueeze(-1), valid))
+    if config.query_entropy_feature:
+        parts.append(standardise_per_head(_query_entropy_state(step, entropy), valid))
     features = torch.cat(parts, dim=-1)
     return features.masked_fill(~keep, 0.0), new_ema, new_carry
+
+
+def _query_entropy_state(step: MemoryStep, entropy: torch.Tensor | None) -> torch.Tensor:
+    """``(B, H, T, 1)`` per-token normalised query entropy after this step (see :func:`step_features`); stores it
+    in ``step.state``. ``entropy``: ``(B, H, Q)`` raw row entropies of the step's ``Q`` queries, or ``None``."""
+    pos, valid = step.positions, step.valid
+    b, h, t = pos.shape
+    state = _stored(step.state.get(QUERY_ENTROPY_KEY), (b, h, t, 1), QUERY_ENTROPY_KEY, pos).clone()
+    if entropy is not None:
+        q = entropy.shape[-1]
+        seen = valid.cumsum(dim=-1)[:, :, t - q :].float()  # (B, H, Q) slots each query could see, itself included
+        state[:, :, t - q :, 0] = entropy / torch.log1p(seen)
+    state = state.masked_fill(~valid.unsqueeze(-1), 0.0)
+    step.state[QUERY_ENTROPY_KEY] = state
+    return state
 
 
 #: Added before taking logs of magnitudes (the EMA of a token that received no attention is 0).
@@ -385,6 +417,7 @@ def standardise_per_head(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 __all__ = [
     "CARRY_KEY",
     "EMA_KEY",
+    "QUERY_ENTROPY_KEY",
     "FeatureNormaliser",
     "dft_basis",
     "hann_window",
