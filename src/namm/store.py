@@ -56,6 +56,13 @@ class EvictingLayer(DynamicLayer):
         self.state: dict[str, torch.Tensor] = {}
         self.queries: torch.Tensor | None = None
         self.probe_queries: torch.Tensor | None = None
+        # Key/value storage with room to grow: ``self.keys`` / ``self.values`` are views of the first slots of
+        # these buffers, so appending a token writes it in place instead of copying the whole cache (what
+        # ``torch.cat`` does, as DynamicCache does, at every decoded token). Any other assignment of
+        # ``self.keys`` (compaction, batch indexing, probe removal) leaves the views and the next append starts
+        # a new buffer from them.
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
 
     # --- slot metadata -----------------------------------------------------------------------------
     @property
@@ -101,7 +108,8 @@ class EvictingLayer(DynamicLayer):
 
     @property
     def nbytes(self) -> int:
-        """Bytes of key/value storage (padding slots included; 0 before the first token)."""
+        """Bytes of key/value storage (padding slots included; 0 before the first token). The append buffers
+        hold up to ``max(KV_HEADROOM, a quarter)`` more slots than this, allocated but not yet written."""
         return self.keys.nbytes + self.values.nbytes if self.is_initialized else 0
 
     # --- transformers Cache layer API -------------------------------------------------------------
@@ -117,13 +125,36 @@ class EvictingLayer(DynamicLayer):
             self._valid = torch.cat([self._valid, self._valid.new_ones(b, h, q)], dim=-1)
         if self._real is not None:
             self._real = torch.cat([self._real, self._real.new_ones(b, q)], dim=-1)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.keys, self.values = self._append_kv(key_states, value_states)
         for name, tensor in self.state.items():
             pad = tensor.new_zeros(b, h, q, *tensor.shape[3:])
             self.state[name] = torch.cat([tensor, pad], dim=2)
         self.n_seen += q
         return self.keys, self.values
+
+    #: Slots of headroom a new key/value buffer gets beyond what it holds (at least, and at least a quarter more).
+    KV_HEADROOM = 256
+
+    def _append_kv(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, H, T + Q, D)`` views of the buffers holding the old slots and the ``Q`` new ones."""
+        if self.keys.dim() != 4:  # transformers' lazy initialisation leaves 1-D empty tensors
+            self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
+        t, q = self.keys.shape[2], key_states.shape[2]
+        buf_k, buf_v = self._key_buffer, self._value_buffer
+        in_place = (buf_k is not None and buf_k.shape[2] >= t + q and buf_k.shape[:2] == self.keys.shape[:2]
+                    and self.keys.data_ptr() == buf_k.data_ptr() and self.values.data_ptr() == buf_v.data_ptr()
+                    and self.keys.stride() == buf_k.stride() and buf_k.dtype == key_states.dtype)
+        if not in_place:
+            capacity = t + q + max(self.KV_HEADROOM, (t + q) // 4)
+            b, h, _, dk = self.keys.shape
+            buf_k = self.keys.new_empty(b, h, capacity, dk)
+            buf_v = self.values.new_empty(b, h, capacity, self.values.shape[-1])
+            buf_k[:, :, :t] = self.keys
+            buf_v[:, :, :t] = self.values
+            self._key_buffer, self._value_buffer = buf_k, buf_v
+        buf_k[:, :, t : t + q] = key_states
+        buf_v[:, :, t : t + q] = value_states
+        return buf_k[:, :, : t + q], buf_v[:, :, : t + q]
 
     def get_seq_length(self) -> int:
         """Tokens processed so far (absolute), which is what transformers derives positions from."""
