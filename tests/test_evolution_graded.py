@@ -11,7 +11,14 @@ import namm
 from conftest import random_prompt, tiny_model, word_tokenizer
 from namm.errors import NammError
 from namm.evolution import evolve
-from namm.evolution.lm import LMEvaluator, checkpoint_writer, graded_score, prepare_normalisation
+from namm.evolution.lm import (
+    LMEvaluator,
+    checkpoint_writer,
+    graded_score,
+    margin_score,
+    prepare_normalisation,
+    soft_greedy_prefix,
+)
 from namm.evolution.optimizer import CMAES
 from namm.evolution.population import generate_copies
 from namm.evolution.recipe import Recipe
@@ -57,6 +64,48 @@ def test_graded_score_is_one_for_the_full_cache_and_orders_losses():
     assert graded_score(np.array([-1.0]), -3.0, 2)[0] == 1.0  # better than full: capped at 1
     near, lost = graded_score(np.array([-5.0, -30.0]), -3.0, 2)
     assert 1.0 > near > lost > 0.0
+
+
+def test_margins_say_what_greedy_decoding_reproduces(tokenizer):
+    model = tiny_model("llama")
+    prompt = random_prompt(60, seed=3)
+    greedy = namm.generate(model, tokenizer, prompt, Full(), max_new_tokens=3, delay=32, chunk_size=16)
+    scored = namm.generate(model, tokenizer, prompt, Full(), max_new_tokens=0, delay=32, chunk_size=16,
+                           answer=greedy.text)
+    a = scored.answer
+    assert len(a.margins) == a.tokens == 3 and a.greedy_prefix == 3 and min(a.margins) > 0
+    other = " w1" if not greedy.text.startswith(" w1") else " w2"
+    wrong = namm.generate(model, tokenizer, prompt, Full(), max_new_tokens=0, delay=32, chunk_size=16,
+                          answer=other + greedy.text).answer
+    assert wrong.margins[0] < 0 and wrong.greedy_prefix == 0
+    # log p(gold) from the same logits: logprob <= 0, and a positive margin means p(gold) > p(any other token)
+    assert a.logprob < 0
+
+
+def test_margin_score_is_one_for_the_full_cache_and_a_lost_first_token_costs_the_answer():
+    full = np.array([4.0, 5.0, 6.0])
+    assert margin_score(full[None], full).tolist() == [1.0]
+    assert margin_score(np.array([[6.0, 8.0, 9.0]]), full)[0] == 1.0  # better than full: capped at 1
+    first_lost, last_lost, near = margin_score(np.array([[-3.0, 5.0, 6.0], [4.0, 5.0, -3.0], [1.0, 5.0, 6.0]]), full)
+    assert first_lost < 0.1 < last_lost < near < 1.0
+    assert soft_greedy_prefix(np.array([50.0, 50.0, -50.0, 50.0])) == pytest.approx(0.5)
+    with pytest.raises(NammError, match="no tokens"):
+        soft_greedy_prefix(np.zeros(0))
+
+
+def test_margin_fitness_of_full_against_itself_is_exactly_one(tmp_path, first_word_task):  # noqa: F811
+    recipe = Recipe.from_dict({**RECIPE, "metric": "margin"})
+    ev = LMEvaluator(recipe, tmp_path, model=tiny_model("llama"), tokenizer=word_tokenizer())
+    ids = ev.sample_pool("first_word_test", "train")[:3]
+    assert ev.full_scores("first_word_test", ids).tolist() == [1.0, 1.0, 1.0]
+    ev.policy.budget = 1.0
+    res = ev.evaluate(ev.initial_params()[None].repeat(2, 0), "first_word_test", ids)
+    assert res.scores.tolist() == [[1.0] * 3] * 2
+    stored = json.loads((tmp_path / "full_margins.json").read_text())
+    assert len(stored) == 3 and all(len(m) == 1 for m in stored.values())
+    ev.policy.budget = 0.2  # a real eviction scores in [0, 1]
+    res = ev.evaluate(ev.initial_params()[None], "first_word_test", ids)
+    assert ((res.scores >= 0) & (res.scores <= 1)).all()
 
 
 def test_graded_fitness_of_full_against_itself_is_exactly_one(tmp_path, first_word_task):  # noqa: F811
@@ -176,3 +225,6 @@ def test_graded_score_ranks_a_kept_needle_above_an_evicted_one(smollm2):
     s_lost = graded_score(np.array([lost.answer.logprob]), full.answer.logprob, tokens)[0]
     assert kept.stats.cache_fraction == pytest.approx(lost.stats.cache_fraction, abs=0.01)
     assert s_kept > 0.5 > s_lost, (s_kept, s_lost)
+    m_kept, m_lost = (margin_score(np.array([r.answer.margins]), np.array(full.answer.margins))[0]
+                      for r in (kept, lost))
+    assert m_kept > 0.5 > m_lost, (m_kept, m_lost)

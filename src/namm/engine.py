@@ -108,10 +108,25 @@ class AnswerScore:
     Attributes:
         logprob: sum over the answer's tokens of ``log p(token | prompt, earlier answer tokens)`` (nats).
         tokens: number of answer tokens scored.
+        margins: per answer token, its logit minus the largest logit of any other token (nats; > 0 where
+            greedy decoding picks it): greedy decoding reproduces the answer exactly when every margin is
+            positive, which a good mean likelihood does not promise (a lost first token can hide behind
+            well-predicted later ones).
     """
 
     logprob: float
     tokens: int
+    margins: tuple[float, ...] = ()
+
+    @property
+    def greedy_prefix(self) -> int:
+        """How many leading answer tokens greedy decoding would reproduce (teacher-forced argmax)."""
+        n = 0
+        for m in self.margins:
+            if m <= 0:
+                break
+            n += 1
+        return n
 
     @property
     def mean_nll(self) -> float:
@@ -256,8 +271,11 @@ def _score_answer(model, cache: MemoryCache, last_logits: torch.Tensor, ids: tor
             clear_pending()
             out = model(input_ids=ids[:, :-1], use_cache=True, **{cache_argument(model): cache})
         logits = torch.cat([logits, out.logits.float()], dim=1)
-    logprob = torch.log_softmax(logits, dim=-1).gather(-1, ids[..., None]).squeeze(-1).sum(-1)
-    return [AnswerScore(float(v), int(ids.shape[1])) for v in logprob.tolist()]
+    gold = logits.gather(-1, ids[..., None]).squeeze(-1)  # (B, A)
+    logprob = (gold - torch.logsumexp(logits, dim=-1)).sum(-1)
+    rival = logits.scatter(-1, ids[..., None], float("-inf")).amax(-1)
+    margins = (gold - rival).tolist()
+    return [AnswerScore(float(v), int(ids.shape[1]), tuple(m)) for v, m in zip(logprob.tolist(), margins, strict=True)]
 
 
 @torch.inference_mode()

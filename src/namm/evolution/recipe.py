@@ -14,7 +14,8 @@ Example::
     cache_weight: 0.0             # > 0 subtracts cache_weight * mean kept-cache fraction from the fitness
     members_per_batch: 1          # population members evaluated by one forward pass
     metric: task                  # or "likelihood": graded fitness from the gold answer's teacher-forced
-                                  # log-likelihood relative to the full cache (no decoding)
+                                  # log-likelihood relative to the full cache (no decoding); or "margin":
+                                  # its soft greedy prefix from per-token logit margins (aligned with decoding)
     search: {groups: [head_weight, depth_logits], start: {head_weight: [...]}}   # optional subspace
     csa: false                    # true: cumulative step-size adaptation (the reference's) at any dimension
     backend: local                # or "ray"
@@ -48,7 +49,7 @@ import yaml
 from namm.errors import NammError
 
 BACKENDS = ("local", "ray")
-METRICS = ("task", "likelihood")
+METRICS = ("task", "likelihood", "margin")
 #: the smallest population pycma's CMA-ES accepts (2 fails inside pycma)
 MIN_POPULATION = 3
 
