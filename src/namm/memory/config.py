@@ -13,10 +13,10 @@ SELECTION_MODES = ("per_layer", "per_head")
 SPECTRAL_NORMS = ("global", "per_head")
 #: Fields added after the first checkpoint format: a checkpoint without them takes their defaults.
 OPTIONAL_FIELDS = frozenset({"budget", "depth_knots", "spectral_norm", "key_norm_feature", "bam_window",
-                             "query_entropy_feature"})
+                             "query_entropy_feature", "key_novelty_feature"})
 #: Options shown by ``repr`` and written by ``to_dict`` only when set, so that adding them left every existing
 #: policy fingerprint (and the harness records keyed by it) and checkpoint file unchanged.
-REPR_WHEN_SET = frozenset({"bam_window", "query_entropy_feature"})
+REPR_WHEN_SET = frozenset({"bam_window", "query_entropy_feature", "key_novelty_feature"})
 
 
 @dataclass
@@ -57,6 +57,10 @@ class NAMMConfig:
             memory step whose queries include it and standardised per head and step. Repeated text attends
             broadly to its earlier copies, new information sharply (docs/evolution.md, "Which attention signals
             mark a needle"). A deviation from the reference, off by default.
+        key_novelty_feature: append one minus the cosine of the token's key with the mean key of its head's
+            valid slots (KeyDiff's rule, Park et al., 2025, arXiv 2504.15364), standardised per head and step:
+            repeated filler sits near the mean key, a unique fact away from it. A key-derived scalar, so the
+            memory stays model-agnostic; a deviation from the reference, off by default.
     """
 
     n_fft: int = 32
@@ -78,6 +82,7 @@ class NAMMConfig:
     spectral_norm: str = "global"
     key_norm_feature: bool = False
     query_entropy_feature: bool = False
+    key_novelty_feature: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -101,7 +106,8 @@ class NAMMConfig:
     def feature_dim(self) -> int:
         """Size of a token's feature vector: recency code, spectrum, optional key norm and query entropy (25 by
         default)."""
-        return self.recency_dim + self.n_spec + int(self.key_norm_feature) + int(self.query_entropy_feature)
+        return (self.recency_dim + self.n_spec + int(self.key_norm_feature) + int(self.query_entropy_feature)
+                + int(self.key_novelty_feature))
 
     @property
     def frame_decay(self) -> float:
@@ -121,7 +127,8 @@ class NAMMConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise NammError(f"NAMMConfig.{name} must be a finite number, got {v!r}.")
-        for name in ("bam_bias", "always_keep_newest", "key_norm_feature", "query_entropy_feature"):
+        for name in ("bam_bias", "always_keep_newest", "key_norm_feature", "query_entropy_feature",
+                     "key_novelty_feature"):
             if not isinstance(getattr(self, name), bool):
                 raise NammError(f"NAMMConfig.{name} must be true or false, got {getattr(self, name)!r}.")
         if self.n_fft < 2 or self.n_fft % 2:

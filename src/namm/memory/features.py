@@ -378,6 +378,8 @@ def step_features(
         parts.append(standardise_per_head(norms.unsqueeze(-1), valid))
     if config.query_entropy_feature:
         parts.append(standardise_per_head(_query_entropy_state(step, entropy), valid))
+    if config.key_novelty_feature:
+        parts.append(standardise_per_head(key_novelty(step.keys, valid).unsqueeze(-1), valid))
     features = torch.cat(parts, dim=-1)
     return features.masked_fill(~keep, 0.0), new_ema, new_carry
 
@@ -395,6 +397,15 @@ def _query_entropy_state(step: MemoryStep, entropy: torch.Tensor | None) -> torc
     state = state.masked_fill(~valid.unsqueeze(-1), 0.0)
     step.state[QUERY_ENTROPY_KEY] = state
     return state
+
+
+def key_novelty(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``(B, H, T, D)`` keys, ``(B, H, T)`` valid -> ``(B, H, T)`` one minus the cosine of each key with the mean
+    of its head's valid keys (0 for invalid slots)."""
+    unit = torch.nn.functional.normalize(keys.float(), dim=-1)
+    w = valid.unsqueeze(-1).float()
+    mean = torch.nn.functional.normalize((keys.float() * w).sum(dim=2, keepdim=True), dim=-1)
+    return ((1.0 - (unit * mean).sum(-1)) * valid).float()
 
 
 #: Added before taking logs of magnitudes (the EMA of a token that received no attention is 0).
@@ -421,6 +432,7 @@ __all__ = [
     "FeatureNormaliser",
     "dft_basis",
     "hann_window",
+    "key_novelty",
     "newest_position",
     "recency_code",
     "standardise_per_head",
