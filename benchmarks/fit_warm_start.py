@@ -8,7 +8,8 @@ and fits the head by class-balanced logistic regression (torch's L-BFGS). It rep
 samples, the needle recall at the recipe's budget (the share of needle tokens a head would keep, averaged
 over memory steps, layers and heads) of the fit, of the L2 start (-1 on the key norm) and of single features,
 and writes ``warm_start.json`` (``head_weight``, the feature names, the fit's figures) for the recipe's
-``search.start``.
+``search.start``. ``--by-layer`` also fits one head per layer and one per (layer, KV head), to measure what a
+richer scorer could add.
 
 The features are those of a keep-all run, not of the member's own evicted cache (a replay approximation, see
 docs/evolution.md): a start, not a selection.
@@ -42,12 +43,20 @@ def feature_names(config) -> list[str]:
     return names + ["key_novelty"] * config.key_novelty_feature
 
 
-def record_steps(ev: LMEvaluator, task: str, sample_id: str) -> list[tuple[np.ndarray, np.ndarray]]:
+Step = tuple[int, int, np.ndarray, np.ndarray]  # layer, head, features (T, F), needle labels (T,)
+
+
+def record_steps(ev: LMEvaluator, task: str, sample_id: str) -> list[Step]:
     """Keep-all run of one sample -> per (memory step, layer, head): features ``(T, F)`` and needle labels."""
     sample = ev.sample(task, sample_id)
     needle = [(n["token_index"], n["token_end"]) for n in sample.meta["needles"]]
-    steps: list[tuple[np.ndarray, np.ndarray]] = []
-    inner = namm_policy.bam_scores
+    steps: list[Step] = []
+    inner, score = namm_policy.bam_scores, ev.policy.score
+    layer = [0]
+
+    def scoring(step):
+        layer[0] = step.layer_idx
+        return score(step)
 
     def capture(features, valid, params, config=None, positions=None):
         for h in range(features.shape[1]):
@@ -56,21 +65,22 @@ def record_steps(ev: LMEvaluator, task: str, sample_id: str) -> list[tuple[np.nd
             label = np.zeros(pos.shape, bool)
             for lo, hi in needle:
                 label |= (pos >= lo) & (pos < hi)
-            steps.append((features[0, h][v].numpy().copy(), label))
+            steps.append((layer[0], h, features[0, h][v].numpy().copy(), label))
         return inner(features, valid, params, config, positions)
 
-    namm_policy.bam_scores = capture
+    namm_policy.bam_scores, ev.policy.score = capture, scoring
     try:
         generate(ev.model, ev.tokenizer, sample.prompt, ev.policy, max_new_tokens=0, delay=ev.recipe.delay,
                  chunk_size=ev.recipe.chunk_size)
     finally:
         namm_policy.bam_scores = inner
+        del ev.policy.score
     return steps
 
 
 def fit(steps, rng: np.random.Generator, l2: float) -> np.ndarray:
     xs, ys = [], []
-    for x, y in steps:
+    for _, _, x, y in steps:
         keep = y | (rng.random(len(y)) < NEGATIVE_SHARE)
         xs.append(x[keep])
         ys.append(y[keep])
@@ -95,7 +105,7 @@ def fit(steps, rng: np.random.Generator, l2: float) -> np.ndarray:
 def recall(steps, w: np.ndarray, budget: float) -> float:
     """Mean over steps with a needle token of the share of needle tokens among the head's top ``budget``."""
     shares = []
-    for x, y in steps:
+    for _, _, x, y in steps:
         if not y.any():
             continue
         k = int(np.ceil(len(y) * budget))
@@ -109,6 +119,7 @@ def main() -> None:
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--samples", type=int, default=4, help="fit samples per task (as many again to measure)")
     parser.add_argument("--l2", type=float, default=1e-3)
+    parser.add_argument("--by-layer", action="store_true", help="also fit one head per layer and per (layer, head)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -138,6 +149,19 @@ def main() -> None:
                 e[names.index(name)] = sign
                 report[f"{'+' if sign > 0 else '-'}{name}"] = recall(test, e, budget)
     report["random (expected)"] = budget
+    if args.by_layer:  # how much a head per layer, or per (layer, head), would add (on the same split)
+        layers = sorted({s[0] for s in train})
+        heads = sorted({s[1] for s in train})
+        rng = np.random.default_rng(1)
+
+        def part(steps, lay, head=None):
+            return [s for s in steps if s[0] == lay and (head is None or s[1] == head)]
+
+        per_layer = [recall(part(test, lay), fit(part(train, lay), rng, 10 * args.l2), budget) for lay in layers]
+        per_head = [recall(part(test, lay, h), fit(part(train, lay, h), rng, 10 * args.l2), budget)
+                    for lay in layers for h in heads]
+        report["a head fitted per layer (mean over layers)"] = float(np.mean(per_layer))
+        report["a head fitted per (layer, KV head) (mean)"] = float(np.mean(per_head))
     result = {"recipe": args.recipe, "budget": budget, "tasks": tasks, "samples_per_task": args.samples,
               "features": names, "head_weight": [round(float(v), 4) for v in w],
               "needle_recall_at_budget": report, "seconds": round(time.perf_counter() - t0, 1)}
