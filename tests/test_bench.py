@@ -124,6 +124,9 @@ def test_shipped_suites_load_and_hold_what_they_promise():
     ({"policies": [{"name": "namm", "budgets": [0.5]}, {"name": "namm", "budgets": ["50%"]}]}, "listed twice"),
     ({"tasks": [{"task": "passkey", "samples": 0}]}, "samples must be"),
     ({"delay": 100, "chunk_size": 30}, "divisor"),
+    ({"policies": [{"name": "namm", "allocation": "x"}]}, "a NAMM has its own"),
+    ({"policies": [{"name": "l2", "allocation": 3}]}, "allocation must name a NAMM checkpoint"),
+    ({"policies": [{"name": "namm"}, {"name": "l2", "allocation": "x", "budgets": ["namm"]}]}, "not a budget matched"),
 ])
 def test_bad_suites_are_one_line_errors(tmp_path, change, message):
     data = {"tasks": [{"task": "passkey", "lengths": [64], "samples": 2}], "policies": ["full", "h2o"]} | change
@@ -134,6 +137,34 @@ def test_bad_suites_are_one_line_errors(tmp_path, change, message):
     assert "\n" not in str(err.value)
     with pytest.raises(NammError, match="no shipped suite"):
         load_suite("no-such-suite")
+
+
+def test_a_classic_cell_follows_a_checkpoints_depth_allocation(tmp_path):
+    from namm.bench.run import _Policies
+    from namm.memory import NAMM, NAMMConfig
+
+    ckpt = tmp_path / "ckpt"
+    policy = NAMM(NAMMConfig(budget=0.5, depth_knots=3, selection="per_head", spectral_norm="per_head"))
+    params = policy.get_params()
+    params[-3:] = torch.tensor([2.0, 0.0, -1.0])
+    policy.set_params(params)
+    policy.save_pretrained(ckpt)
+    no_alloc = tmp_path / "plain"
+    NAMM(NAMMConfig()).save_pretrained(no_alloc)
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"tasks": [{"task": "passkey", "lengths": [64], "samples": 1}], "policies": [
+        "full", {"name": "streaming", "budgets": [0.25], "allocation": str(ckpt), "label": "streaming+depth"},
+        {"name": "l2", "budgets": [0.25], "allocation": str(no_alloc)}]}))
+    suite = load_suite(path)
+    cell = next(c for c in suite.cells if c.label == "streaming+depth@0.25")
+    assert cell.allocation == str(ckpt) and cell.policy == "streaming"
+    sample = Sample(id="s0", task="passkey", prompt="p", answers=["a"], max_new_tokens=4)
+    built = _Policies(tmp_path)(cell, "g", sample)
+    assert built.budget == 0.25 and built.allocation.knots == (2.0, 0.0, -1.0)
+    shares = built.allocation.fractions(0.25, 6)
+    assert float(shares.mean()) == pytest.approx(0.25) and shares[0] > shares[-1]
+    with pytest.raises(NammError, match="has no learned depth allocation"):
+        _Policies(tmp_path)(next(c for c in suite.cells if c.label == "l2@0.25"), "g", sample)
 
 
 # --- answer scoring --------------------------------------------------------------------------------------------

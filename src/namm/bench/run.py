@@ -22,7 +22,7 @@ from namm import jsonl
 from namm.bench.suite import Cell, Suite, TaskSpec
 from namm.errors import NammError
 from namm.harness import matched_budget, progress_bar, read_records, record_setting, run_sample
-from namm.policies import Full, Policy, make_policy
+from namm.policies import DepthAllocation, Full, Policy, make_policy
 from namm.scoring import gold_answer
 from namm.tasks import Sample, Task, get_task
 
@@ -95,6 +95,7 @@ class _Policies:
         self.out_dir = out_dir
         self.namm: dict[tuple, Policy] = {}
         self.namm_records: dict[str, dict[str, dict]] = {}  # group -> id -> the NAMM's record (complete by then)
+        self.allocations: dict[str, DepthAllocation] = {}  # checkpoint -> its learned depth allocation
 
     def __call__(self, cell: Cell, group: str, sample: Sample) -> Policy:
         if cell.policy == "full":
@@ -116,7 +117,20 @@ class _Policies:
             budget = matched_budget(namm_records[sample.id], budget)
             if budget is None:
                 return Full()
+        if cell.allocation is not None:
+            return make_policy(cell.policy, budget=budget, allocation=self.allocation(cell.allocation), **cell.options)
         return make_policy(cell.policy, budget=budget, **cell.options)
+
+    def allocation(self, checkpoint: str) -> DepthAllocation:
+        """The depth allocation learned by a NAMM checkpoint (an error if it has none)."""
+        if checkpoint not in self.allocations:
+            from namm.memory import NAMM  # noqa: PLC0415
+
+            logits = NAMM.from_pretrained(checkpoint).depth_logits()
+            if logits is None:
+                raise NammError(f"NAMM checkpoint {checkpoint!r} has no learned depth allocation (depth_knots is 0).")
+            self.allocations[checkpoint] = DepthAllocation.from_sequence(logits.tolist())
+        return self.allocations[checkpoint]
 
 
 def run_suite(suite: Suite, out_dir: Path, model, tokenizer, *, progress: bool = True) -> int:

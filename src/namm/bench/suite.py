@@ -24,6 +24,8 @@ Format (every key but ``tasks`` and ``policies`` optional)::
       - {name: namm, checkpoint: smollm2-135m}          # learned: the checkpoint's own cache size (or budget)
       - {name: namm, budgets: [0.25, 0.5], label: namm}  # a budgeted NAMM: each head keeps its top scores
       - {name: h2o, budgets: [namm]}  # "namm": the NAMM's cache size after each of its memory steps, per sample
+      - {name: streaming, allocation: smollm2-135m, label: streaming+depth}  # a NAMM checkpoint's learned depth
+                                      # allocation given to a classic scorer (what the scorer adds beyond it)
 
 A budget is a token count (``256``), a fraction (``0.25`` or ``"25%"``), ``namm`` (matched to the suite's NAMM
 per memory step, :class:`~namm.policies.BudgetSchedule`) or ``namm-mean`` (its mean size, the paper's rule).
@@ -46,7 +48,7 @@ MATCHED = ("namm", "namm-mean")
 _TOP_KEYS = {"name", "description", "model", "mode", "delay", "chunk_size", "seeds", "budgets", "baselines",
              "bootstrap", "tasks", "policies"}
 _TASK_KEYS = {"task", "lengths", "samples", "seeds", "options"}
-_POLICY_KEYS = {"name", "budgets", "options", "checkpoint", "label"}
+_POLICY_KEYS = {"name", "budgets", "options", "checkpoint", "label", "allocation"}
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ class Cell:
     budget: int | float | str | None
     options: dict = field(default_factory=dict)
     checkpoint: str | None = None
+    #: A NAMM checkpoint whose learned depth allocation this (classic, budgeted) cell's budget follows.
+    allocation: str | None = None
 
     @property
     def budget_text(self) -> str:
@@ -238,6 +242,8 @@ def _cells(entries: list, default_budgets: list, path: Path) -> tuple[Cell, ...]
         names.append(name)
         if name == "full":
             continue
+        if "allocation" in entry and name == "namm":
+            raise _fail(where, "'allocation' gives a classic policy a NAMM's depth allocation; a NAMM has its own.")
         if name == "namm":
             checkpoint = str(entry.get("checkpoint", "smollm2-135m"))
             label = str(entry.get("label", "namm"))
@@ -257,11 +263,16 @@ def _cells(entries: list, default_budgets: list, path: Path) -> tuple[Cell, ...]
             continue
         budgets = entry.get("budgets", default_budgets)
         budgets = [parse_budget(b, where) for b in (budgets if isinstance(budgets, list) else [budgets])]
+        allocation = entry.get("allocation")
+        if allocation is not None and (not isinstance(allocation, str) or not allocation):
+            raise _fail(where, f"allocation must name a NAMM checkpoint (bundled name or folder), got {allocation!r}.")
+        if allocation is not None and any(isinstance(b, str) for b in budgets):
+            raise _fail(where, "a depth allocation spreads a token count or a fraction, not a budget matched to NAMM.")
         for budget in budgets:
             label = _label(str(entry.get("label", name)), budget)
             if label in cells:
                 raise _fail(where, f"{label} is listed twice.")
-            cells[label] = Cell(label, name, budget, options)
+            cells[label] = Cell(label, name, budget, options, allocation=allocation)
     matched = [c for c in cells.values() if isinstance(c.budget, str)]
     if matched and not ("namm" in cells and cells["namm"].budget is None):
         raise _fail(str(path), f"{matched[0].label} is matched to a NAMM, but the suite has no unbudgeted 'namm' cell.")
