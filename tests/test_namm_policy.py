@@ -275,6 +275,11 @@ def test_save_load_round_trip(tmp_path):
     # Untouched defaults round-trip too (identity normalisation).
     NAMM().save_pretrained(tmp_path / "zero")
     assert "identity" in NAMM.from_pretrained(str(tmp_path / "zero")).describe()
+    # Saving again over a checkpoint replaces its two files and leaves the user's other files alone.
+    (tmp_path / "ckpt" / "notes.txt").write_text("mine")
+    NAMM().save_pretrained(tmp_path / "ckpt")
+    assert {f.name for f in (tmp_path / "ckpt").iterdir()} == {"config.json", "model.safetensors", "notes.txt"}
+    assert NAMM.from_pretrained(tmp_path / "ckpt").get_params().abs().sum() == 0
 
 
 def test_corrupt_weights_file(tmp_path):

@@ -22,8 +22,9 @@ from typing import Any, ClassVar
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from namm.atomic import atomic_write_bytes, atomic_write_text
 from namm.errors import NammError
 from namm.memory.bam import bam_scores, param_count
 from namm.memory.config import NAMMConfig, check_budget
@@ -212,7 +213,12 @@ class NAMM(Policy):
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` (params, normalisation mu/sigma/count) to ``directory``."""
+        """Write ``config.json`` and ``model.safetensors`` (params, normalisation mu/sigma/count) to ``directory``.
+
+        Each file is replaced atomically (never half-written), the weights first; other files in ``directory``
+        are left alone. To replace a whole checkpoint folder at once, fill it with
+        :func:`namm.atomic.atomic_fill_dir` (the evolution's checkpoints do).
+        """
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         meta = {
@@ -221,14 +227,14 @@ class NAMM(Policy):
             "config": self.config.to_dict(),
             "normalisation_frozen": self.normaliser.frozen,
         }
-        (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         tensors = {
             "params": self.params.float().contiguous(),
             "norm_mu": self.normaliser.mu.contiguous(),
             "norm_sigma": self.normaliser.sigma.contiguous(),
             "norm_count": torch.tensor(self.normaliser.count, dtype=torch.float64),
         }
-        save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": FORMAT})
+        atomic_write_bytes(path / WEIGHTS_FILE, save(tensors, metadata={"format": FORMAT}))
+        atomic_write_text(path / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
         return path
 
     @classmethod
