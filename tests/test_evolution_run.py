@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+import namm
 from namm.errors import NammError
 from namm.evolution import CMAES, Recipe, evolve, fitness, plot_run, read_log, select_samples
 from toy_evolution import QuadraticEvaluator, save_params
@@ -182,6 +183,20 @@ def test_resume_after_crash_mid_generation(baseline, tmp_path):
     result = evolve(recipe(), run_dir, True, toy, progress=False, prepare=prepared.append, save_checkpoint=save_params)
     assert prepared == [run_dir] and result.generations == 6
     assert snapshot(run_dir) == baseline[1]
+    code = json.loads((run_dir / "code.json").read_text())["runs"]  # the start and the resume, same code
+    assert len(code) == 2 and code[0]["namm"] == code[1]["namm"] and code[0]["commit"] == code[1]["commit"]
+    assert {"commit", "dirty", "source", "at"} <= set(code[0])
+
+
+def test_a_resume_with_other_code_warns(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    evolve(recipe(), run_dir, False, toy, progress=False, save_checkpoint=save_params)
+    code = json.loads((run_dir / "code.json").read_text())
+    code["runs"][0]["commit"] = "0" * 40
+    (run_dir / "code.json").write_text(json.dumps(code))
+    capsys.readouterr()
+    evolve(recipe(), run_dir, True, toy, progress=False, save_checkpoint=save_params)
+    assert f"started with namm {namm.__version__} at commit {'0' * 40}" in capsys.readouterr().err
 
 
 def test_resume_after_kill_9(baseline, tmp_path):

@@ -3,6 +3,8 @@
 Run directory layout::
 
     recipe.yaml                the recipe (a resumed run must be given the same one)
+    code.json                  the code each start and resume ran (namm version, git commit of its source and
+                               whether that checkout had uncommitted changes); a resume with other code warns
     prepared.done              marker: the ``prepare`` hook finished (it is not rerun on resume)
     optimizer.json             CMA-ES state after the last finished generation (the fitness told, replayed on
                                resume: :mod:`namm.evolution.optimizer`) + the loop's bookkeeping
@@ -114,6 +116,7 @@ def evolve(
     run_dir.mkdir(parents=True, exist_ok=True)
     with _run_lock(run_dir):
         _check_run_dir(recipe, run_dir, resume)
+        _record_code(run_dir)
         if prepare is not None and not (run_dir / PREPARED_MARKER).exists():
             prepare(run_dir)
             atomic_write_text(run_dir / PREPARED_MARKER, "prepare hook finished\n")
@@ -168,6 +171,37 @@ def _check_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> None:
             f"{run_dir} is not empty and holds no evolution run (no recipe.yaml); choose another directory."
         )
     atomic_write_text(recipe_path, recipe.to_yaml())
+
+
+def code_version() -> dict[str, Any]:
+    """The running namm: its version and, when its source is a git checkout, the commit and whether the
+    checkout's ``src`` has uncommitted changes (``None`` where git cannot tell)."""
+    import subprocess  # noqa: PLC0415
+
+    from namm import __version__  # noqa: PLC0415
+
+    src = Path(__file__).resolve().parent.parent
+    info: dict[str, Any] = {"namm": __version__, "source": str(src), "commit": None, "dirty": None}
+    try:
+        run = lambda *a: subprocess.run(["git", "-C", str(src), *a], capture_output=True, text=True,  # noqa: E731
+                                        timeout=10, check=True).stdout.strip()
+        info["commit"] = run("rev-parse", "HEAD")
+        info["dirty"] = bool(run("status", "--porcelain", "--", "."))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def _record_code(run_dir: Path) -> None:
+    """Append the running code to ``code.json``; warn when it differs from the code the run started with."""
+    path = run_dir / "code.json"
+    runs = json.loads(path.read_text())["runs"] if path.exists() else []
+    now = {**code_version(), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if runs and (runs[0].get("commit"), runs[0].get("namm")) != (now["commit"], now["namm"]):
+        print(f"warning: {run_dir} started with namm {runs[0].get('namm')} at commit {runs[0].get('commit')}; "
+              f"resuming with {now['namm']} at {now['commit']} (a resume is exact only with the same code).",
+              file=sys.stderr)
+    atomic_write_json(path, {"runs": [*runs, now]})
 
 
 def _progress(enabled: bool):
