@@ -183,6 +183,8 @@ def test_graded_subspace_run_resumes_exactly(tmp_path, first_word_task):  # noqa
     m2, _ = CMAES.load(split)
     assert m1.n_params == NAMMConfig(**BUDGET_POLICY).feature_dim + 2
     assert np.array_equal(m1.mean, m2.mean)
+    # per-head standardisation reads no global statistics: none were gathered (no full-cache runs for them)
+    assert namm.NAMM.from_pretrained(whole / "normalisation").normaliser.count == 0
     best = namm.NAMM.from_pretrained(whole / "checkpoints" / "latest")
     assert best.active_budget == 0.5 and best.config.depth_knots == 2
     sub = Subspace.from_recipe(best.config, RECIPE["search"])

@@ -263,9 +263,16 @@ class LMEvaluatorFactory:
 
 
 def prepare_normalisation(recipe: Recipe, run_dir: Path, samples_per_task: int = 8, evaluator=None) -> None:
-    """Gather the spectrogram-feature statistics on full-cache runs of training samples; freeze and save."""
-    ev = evaluator or LMEvaluator(recipe, run_dir)
+    """Gather the spectrogram-feature statistics on full-cache runs of training samples; freeze and save.
+
+    With ``spectral_norm: per_head`` the features are standardised per head and step and the statistics are
+    never read: nothing is run, and ``normalisation/`` holds the identity statistics (count 0).
+    """
     policy = recipe_namm(recipe)
+    if policy.config.spectral_norm == "per_head":
+        atomic_fill_dir(run_dir / NORMALISATION_DIR, policy.save_pretrained)
+        return
+    ev = evaluator or LMEvaluator(recipe, run_dir)
     policy.collect_stats = True
     for stage in recipe.stages[:1]:
         for spec in stage.tasks:
