@@ -79,6 +79,20 @@ def test_fractional_budget_tracks_tokens_seen(llama, tokenizer):
         assert max(max(row) for row in step["kept"]) == -(-step["n_seen"] // 4)
 
 
+def test_fractional_budgets_round_up_exactly_and_the_namm_counts_alike():
+    from namm.memory import NAMM, NAMMConfig
+    from namm.policies.base import budget_tokens
+
+    step = MemoryStep(layer_idx=0, num_layers=1, keys=torch.zeros(3, 1, 1, 4), values=torch.zeros(3, 1, 1, 4),
+                      positions=torch.zeros(3, 1, 1, dtype=torch.long), valid=torch.ones(3, 1, 1, dtype=torch.bool),
+                      attention=None, query_positions=None, n_seen=100, n_real=torch.tensor([10, 100, 7]))
+    assert budget_tokens(0.7, step).tolist() == [7, 70, 5]  # 10 x 0.7 = 7.000000000000001 in floats: still 7
+    assert budget_tokens(0.29, step).tolist() == [3, 29, 3]
+    assert budget_tokens(8, step).tolist() == [8, 8, 7]
+    assert L2Norm(budget=0.7).budget_tokens(step).tolist() == [7, 70, 5]
+    assert NAMM(NAMMConfig(), budget=0.7).budget_tokens(step).tolist() == [7, 70, 5]
+
+
 def test_budget_schedule_sets_the_cache_size_of_every_step(llama, tokenizer):
     schedule = BudgetSchedule(((64, 40), (96, 70), (128, 20)))
     assert [schedule.at(n) for n in (32, 64, 95, 96, 128, 400)] == [40, 40, 40, 70, 20, 20]

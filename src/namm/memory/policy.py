@@ -30,7 +30,7 @@ from namm.memory.bam import bam_scores, param_count
 from namm.memory.config import NAMMConfig, check_budget
 from namm.memory.features import CARRY_KEY, EMA_KEY, FeatureNormaliser, newest_position, step_features
 from namm.policies import register_policy
-from namm.policies.base import ALL_QUERIES, MemoryStep, Policy, StepRequest, allocated_tokens, mean_fraction
+from namm.policies.base import ALL_QUERIES, MemoryStep, Policy, StepRequest, budget_tokens
 from namm.policies.selection import threshold_keep, top_k_keep
 
 CONFIG_FILE = "config.json"
@@ -184,12 +184,7 @@ class NAMM(Policy):
 
     def budget_tokens(self, step: MemoryStep) -> torch.Tensor:
         """``(B,)`` tokens per head of this layer in budgeted mode (its share under the depth allocation)."""
-        budget = self.active_budget
-        logits = self.depth_logits()
-        if logits is not None:
-            return allocated_tokens(logits, budget, step)
-        frac = mean_fraction(budget, step).to(step.n_real.device)
-        return torch.ceil(step.n_real.double() * frac - 1e-9).long().clamp(min=1)
+        return budget_tokens(self.active_budget, step, self.depth_logits())
 
     def fingerprint(self) -> str:
         """The config and options plus a digest of the weights, the normalisation statistics and any population."""

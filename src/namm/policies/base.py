@@ -323,14 +323,8 @@ class BudgetPolicy(Policy):
 
     def budget_tokens(self, step: MemoryStep) -> torch.Tensor:
         """``(B,)`` int64: tokens each head of each row may keep at this memory step."""
-        n_real = step.n_real
-        if self.allocation is not None:
-            return allocated_tokens(torch.tensor(self.allocation.knots), self.budget, step)
-        if isinstance(self.budget, BudgetSchedule):
-            return torch.clamp(n_real, max=self.budget.at(step.n_seen))
-        if isinstance(self.budget, int):
-            return torch.clamp(n_real, max=self.budget)
-        return torch.ceil(n_real.double() * self.budget).long().clamp(min=1)
+        knots = torch.tensor(self.allocation.knots) if self.allocation is not None else None
+        return budget_tokens(self.budget, step, knots)
 
     def validate(self, context_tokens: int) -> None:
         if isinstance(self.budget, int) and self.budget > context_tokens:
@@ -371,6 +365,22 @@ def mean_fraction(budget: int | float | BudgetSchedule, step: MemoryStep) -> tor
     return torch.full_like(n_real, float(budget))
 
 
+def budget_tokens(budget: int | float | BudgetSchedule, step: MemoryStep,
+                  knots: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B,)`` int64 tokens per head a budget allows at this step: a token count (at most the real tokens), a
+    fraction rounded up (``ceil(n x fraction)``, exact for products like ``10 x 0.7``), a schedule's count, or with
+    ``knots`` this layer's share under a depth allocation (:func:`allocated_tokens`). Every budgeted policy, the
+    NAMM included, counts its budget here."""
+    if knots is not None:
+        return allocated_tokens(knots, budget, step)
+    n_real = step.n_real
+    if isinstance(budget, BudgetSchedule):
+        return torch.clamp(n_real, max=budget.at(step.n_seen))
+    if isinstance(budget, int):
+        return torch.clamp(n_real, max=budget)
+    return torch.ceil(n_real.double() * budget - 1e-9).long().clamp(min=1)
+
+
 def allocated_tokens(knots: torch.Tensor, budget: int | float | BudgetSchedule, step: MemoryStep) -> torch.Tensor:
     """``(B,)`` int64 tokens per head of this layer under a depth allocation of ``budget``.
 
@@ -392,6 +402,7 @@ __all__ = [
     "Probe",
     "StepRequest",
     "allocated_tokens",
+    "budget_tokens",
     "mean_fraction",
     "probe_max_attention",
     "protect",
