@@ -110,6 +110,11 @@ def test_shipped_suites_load_and_hold_what_they_promise():
     assert len(longbench) == 8
     assert all(s not in (0, 1000, 2000, 3000, 4242) for t in standard.tasks for s in t.seeds)
     assert {c.budget for c in standard.cells if c.budget is not None} == {0.25, 0.5}
+    for name, mode in (("namm-results", "prompt"), ("namm-results-agnostic", "question-agnostic")):
+        results = load_suite(name)  # issue 11's held-out evidence: the same tasks, both ways of asking
+        assert results.mode == mode and {t.task for t in results.tasks} == {t.task for t in standard.tasks}
+        assert {c.budget for c in results.cells if c.budget is not None} == {0.48}
+        assert {c.allocation for c in results.cells} == {None, "smollm2-135m"}
 
 
 @pytest.mark.parametrize("change, message", [
