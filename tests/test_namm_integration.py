@@ -22,13 +22,18 @@ def cosine_age_params() -> torch.Tensor:
     return v
 
 
-def test_zero_params_reproduce_full_cache(llama, tokenizer):
+def test_zero_params_reproduce_full_cache(llama, tokenizer, monkeypatch):
     prompt = random_prompt(90, seed=5)
     ref = namm.generate(llama, tokenizer, prompt, Full(), max_new_tokens=12, delay=32, return_logits=True)
     out = namm.generate(llama, tokenizer, prompt, NAMM(), max_new_tokens=12, delay=32, return_logits=True)
     assert out.token_ids == ref.token_ids
-    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
     assert len(out.stats.steps) > 0
+    # The chunks that end on a step compute their attention explicitly (float32 softmax, P @ V) to hand its
+    # weights to the step: the model's outputs up to rounding. Recomputing at every step instead, bit for bit.
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=1e-5)
+    monkeypatch.setattr(namm.MemoryCache, "reuse_attention", False)
+    out = namm.generate(llama, tokenizer, prompt, NAMM(), max_new_tokens=12, delay=32, return_logits=True)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
 
 
 def test_scores_evict_and_state_follows_the_cache(llama, tokenizer):

@@ -18,6 +18,11 @@ of the cache, and the attention function
 3. runs SDPA, and hands the queries back with ``call.attended(query, softcap)``: the cache keeps what the
    policy asked for and runs a memory step when one is due (:mod:`namm.step`).
 
+When the cache sets ``call.wants_weights`` (a memory step follows this very call and will read every query of
+it, e.g. a prefill chunk of ``delay`` tokens under NAMM or H2O), step 3 computes the attention explicitly
+instead (:func:`explicit_attention`: float32 softmax, ``P @ V``) and hands the KV-head-averaged weights over
+too, ``call.attended(query, softcap, weights)``, so that the step does not recompute them.
+
 This module knows nothing of the cache's classes: the import goes one way (cache -> attention).
 Attention weights are only ever computed for the queries a policy asks for, at memory steps.
 """
@@ -48,13 +53,18 @@ class ManagedCall:
         slot_mask: ``slot_mask(q, real)``, with this call's ``q`` tokens and ``real`` ``(B, Q)`` bool (which of
             them are real, or ``None`` when all are), returns the ``(B, H, Q, T)`` bool mask of the slots each
             query may attend to, or ``None`` when transformers' own mask applies (nothing evicted, no padding).
-        attended: ``attended(query, softcap)`` with the ``(B, H_q, Q, D)`` queries, after the attention.
+        attended: ``attended(query, softcap, weights)`` with the ``(B, H_q, Q, D)`` queries, after the attention;
+            ``weights``: ``(B, H, Q, T)`` float32, this call's attention averaged over the query heads of each KV
+            head (padding query rows zero), when it was computed explicitly, else ``None``.
+        wants_weights: the cache would use this call's weights (a memory step reading all its queries follows
+            at once); the attention then computes them with :func:`explicit_attention` where it can.
     """
 
     layer_idx: int
     n_seen: int
     slot_mask: Callable[[int, torch.Tensor | None], torch.Tensor | None]
-    attended: Callable[[torch.Tensor, float | None], None]
+    attended: Callable[[torch.Tensor, float | None, torch.Tensor | None], None]
+    wants_weights: bool = False
 
 
 # The handoff between the cache's ``update`` and the attention call that follows it in the same module.
@@ -123,14 +133,88 @@ def namm_attention(
     if call is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     q = query.shape[2]
-    allowed = call.slot_mask(q, real_tokens(attention_mask, call.n_seen, q))
-    if allowed is None:
+    real = real_tokens(attention_mask, call.n_seen, q)
+    allowed = call.slot_mask(q, real)
+    softcap = kwargs.get("softcap")
+    weights = None
+    # Explicit only where it computes what SDPA does: no soft-cap (SDPA ignores it), no dropout, no sinks, and a
+    # boolean (or no) mask from transformers while the layer is dense.
+    explicit = (call.wants_weights and softcap is None and not dropout and kwargs.get("s_aux") is None
+                and (allowed is not None or attention_mask is None or attention_mask.dtype == torch.bool))
+    if explicit:
+        if allowed is None:
+            allowed = _dense_mask(attention_mask, q, key.shape[2], key.device)
+        out, weights = explicit_attention(query, key, value, allowed, scaling, real)
+    elif allowed is None:
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     else:
         out = _per_head_sdpa(query, key, value, allowed, scaling)
-    softcap = kwargs.get("softcap")
-    call.attended(query, None if softcap is None else float(softcap))
+    call.attended(query, None if softcap is None else float(softcap), weights)
     return out, None
+
+
+#: Float32 logits per block of queries in :func:`explicit_attention` (256 MiB, as ``namm.step`` bounds its own).
+LOGIT_BLOCK_ELEMENTS = 1 << 26
+
+
+def _dense_mask(attention_mask: torch.Tensor | None, q: int, t: int, device) -> torch.Tensor:
+    """``(B or 1, 1, Q, T)`` bool over a dense layer's slots (slot i holds position i): transformers' own boolean
+    mask, or the causal triangle over the last ``q`` slots where it passed none."""
+    if attention_mask is not None:
+        return attention_mask[:, :, :, :t]
+    allowed = torch.ones(1, 1, q, t, dtype=torch.bool, device=device)
+    allowed[..., t - q :] = torch.ones(q, q, dtype=torch.bool, device=device).tril_()
+    return allowed
+
+
+def explicit_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    allowed: torch.Tensor,
+    scaling: float | None,
+    real: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention computed in float32, returning its weights as well as its output.
+
+    The same arithmetic as :func:`namm.step.recompute_attention` (scaled float32 logits, masked, softmaxed),
+    block by block of queries (at most :data:`LOGIT_BLOCK_ELEMENTS` logits at once). The G query heads of a KV
+    head are folded as in :func:`_per_head_sdpa`, so keys and values are never repeated.
+
+    Args:
+        query: ``(B, H_q, Q, D)``, this call's queries; they belong to the last ``Q`` slots.
+        key, value: ``(B, H, T, D)`` / ``(B, H, T, D_v)``, every slot of the layer.
+        allowed: ``(B or 1, H or 1, Q, T)`` bool, the slots each query may attend to (causal over the last ``Q``).
+        scaling: the softmax scale (``None``: ``D ** -0.5``).
+        real: ``(B, Q)`` bool, which queries are real (``None``: all); padding rows of the weights are zero.
+
+    Returns:
+        the output ``(B, Q, H_q, D_v)`` in the value dtype, and the weights ``(B, H, Q, T)`` float32 averaged over
+        the query heads of each KV head.
+    """
+    b, hq, q, d = query.shape
+    h, t, dv = key.shape[1], key.shape[2], value.shape[-1]
+    g = hq // h
+    scale = d**-0.5 if scaling is None else scaling
+    queries = query.reshape(b, h, g, q, d)  # query heads h*G..h*G+G-1 read KV head h (repeat_kv order)
+    keys_t, values = key.float().transpose(-1, -2), value.float()  # (B, H, D, T), (B, H, T, D_v)
+    hidden = ~allowed[:, :, None]  # (B|1, H|1, 1, Q, T)
+    out = value.new_empty(b, h, g, q, dv)
+    weights = torch.zeros(b, h, q, t, dtype=torch.float32, device=query.device)
+    per_block = max(1, LOGIT_BLOCK_ELEMENTS // max(1, b * hq * t))
+    for lo in range(0, q, per_block):
+        hi = min(q, lo + per_block)
+        n, vis = hi - lo, t - q + hi  # later slots are every block query's future
+        block = (queries[:, :, :, lo:hi].float() * scale).reshape(b, h, g * n, d)
+        logits = torch.matmul(block, keys_t[..., :vis]).view(b, h, g, n, vis)
+        logits.masked_fill_(hidden[..., lo:hi, :vis], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        out[:, :, :, lo:hi] = torch.matmul(probs.view(b, h, g * n, vis), values[:, :, :vis]).view(b, h, g, n, dv)
+        weights[:, :, lo:hi, :vis] = probs.mean(dim=2)
+    if real is not None:
+        weights *= real[:, None, :, None]
+        weights.nan_to_num_(0.0)
+    return out.view(b, hq, q, dv).transpose(1, 2).contiguous(), weights
 
 
 def _per_head_sdpa(

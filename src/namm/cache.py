@@ -38,7 +38,7 @@ from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, get_laye
 from namm.attention import ManagedCall, attention_modules, check_nothing_pending, clear_pending, enable, hand_over
 from namm.errors import NammError
 from namm.policies.base import ALL_QUERIES, Policy, Probe
-from namm.step import CacheStats, LayerContext, StepRecord, run_step, step_view
+from namm.step import ATTENTION_CHUNK_ELEMENTS, CacheStats, LayerContext, StepRecord, run_step, step_view
 from namm.store import EvictingLayer
 
 
@@ -64,6 +64,10 @@ class MemoryCache(Cache):
         policy: the eviction policy (see :mod:`namm.policies`).
         delay: a memory step runs every ``delay`` tokens, counted by absolute position.
     """
+
+    #: A memory step that follows a chunk at once and reads all its queries takes the weights the chunk's attention
+    #: call computed (:meth:`_wants_weights`); False: every step recomputes them (set on an instance or the class).
+    reuse_attention: bool = True
 
     def __init__(self, model, policy: Policy, delay: int = 512):
         if not isinstance(policy, Policy):
@@ -124,8 +128,24 @@ class MemoryCache(Cache):
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         self._account(layer)
         slot_mask, attended = self._callbacks[layer_idx]
-        hand_over(ManagedCall(layer_idx, layer.n_seen, slot_mask, attended))
+        wants_weights = self._wants_weights(layer, key_states.shape[2])
+        hand_over(ManagedCall(layer_idx, layer.n_seen, slot_mask, attended, wants_weights))
         return keys, values
+
+    def _wants_weights(self, layer: EvictingLayer, q: int) -> bool:
+        """Whether the attention call that follows (``q`` queries, just appended) should compute its weights for
+        the memory step right after it.
+
+        True when the policy reads every query's attention, a step runs at the end of this call, and its queries
+        will be exactly this call's (nothing kept since the previous step: a prefill chunk of ``delay`` tokens),
+        and the ``(B, H, Q, T)`` float32 weights stay within the step's own bound on an attention block. Else the
+        step recomputes the attention from the kept queries, as for decoding steps and smaller chunks.
+        """
+        if (not self.reuse_attention or self.policy.request.queries != ALL_QUERIES or self.probing or self._held
+                or layer.queries is not None):
+            return False
+        b, h, t = layer.keys.shape[:3]
+        return self._due(layer) and b * h * q * t <= ATTENTION_CHUNK_ELEMENTS
 
     def _slot_mask_for(self, layer: EvictingLayer):
         def slot_mask(q: int, real: torch.Tensor | None) -> torch.Tensor | None:
@@ -136,7 +156,7 @@ class MemoryCache(Cache):
         return slot_mask
 
     def _attended_by(self, layer: EvictingLayer):
-        def attended(query: torch.Tensor, softcap: float | None) -> None:
+        def attended(query: torch.Tensor, softcap: float | None, weights: torch.Tensor | None = None) -> None:
             if softcap is not None:
                 self.softcap[layer.layer_idx] = softcap
             if self.probing:
@@ -147,7 +167,9 @@ class MemoryCache(Cache):
             if queries is not None:
                 layer.keep_queries(query, None if queries == ALL_QUERIES else queries)
             if not self._held and self._due(layer):
-                self._step(layer)
+                if weights is not None and (layer.queries is None or weights.shape[2] != layer.queries.shape[2]):
+                    weights = None  # not the step's queries: it recomputes
+                self._step(layer, weights)
 
         return attended
 
@@ -160,9 +182,10 @@ class MemoryCache(Cache):
         idx = layer.layer_idx
         return LayerContext(len(self.layers), self.managed_ids, self.scaling[idx], self.softcap.get(idx))
 
-    def _step(self, layer: EvictingLayer) -> None:
-        """Run the policy's memory step in ``layer`` now and record it."""
-        record: StepRecord = run_step(layer, self.policy, self._context(layer), self._probes.pop(layer.layer_idx, None))
+    def _step(self, layer: EvictingLayer, weights: torch.Tensor | None = None) -> None:
+        """Run the policy's memory step in ``layer`` now and record it (``weights``: see :func:`run_step`)."""
+        probe = self._probes.pop(layer.layer_idx, None)
+        record: StepRecord = run_step(layer, self.policy, self._context(layer), probe, weights)
         self.stats.steps.append(record)
         self.stats.memory_seconds += record.seconds
         self._account(layer)

@@ -4,7 +4,9 @@
 
 1. builds the step from the layer's store (:class:`namm.store.EvictingLayer`) and what the policy's
    :class:`~namm.policies.base.StepRequest` asks for: the attention of the kept recent queries, recomputed
-   against the current slots (:func:`recompute_attention`, whole or as a stream of query blocks), a probe;
+   against the current slots (:func:`recompute_attention`, whole or as a stream of query blocks) or, where
+   the attention call just computed it for exactly those queries, sliced from it (:func:`given_attention`);
+   a probe;
 2. asks the policy for scores and a keep mask (``policy.score``, ``policy.keep``);
 3. compacts the store to the kept slots and returns a :class:`StepRecord` for the cache's statistics.
 
@@ -26,7 +28,7 @@ from namm.policies.base import MemoryStep, Policy, Probe
 if TYPE_CHECKING:
     from namm.store import EvictingLayer
 
-_ATTENTION_CHUNK_ELEMENTS = 1 << 26  # 256 MiB of float32 logits per block of queries at a memory step
+ATTENTION_CHUNK_ELEMENTS = 1 << 26  # 256 MiB of float32 logits per block of queries at a memory step
 
 
 @dataclass
@@ -115,12 +117,28 @@ def recompute_attention(
         yield att
 
 
+def given_attention(weights: torch.Tensor, bounds: list[int]) -> Iterator[torch.Tensor]:
+    """:func:`recompute_attention`'s blocks, sliced from weights the attention call already computed.
+
+    Args:
+        weights: ``(B, H, Q, T)`` float32, the kept queries' attention over the current slots, averaged over
+            each KV head's query heads (:func:`namm.attention.explicit_attention`).
+        bounds: increasing query indices ``0 = b_0 < b_1 < ... = Q``.
+
+    Yields:
+        ``(B, H, L, V)`` views, ``V = T - Q + b_(i+1)`` as there.
+    """
+    nq, t = weights.shape[2], weights.shape[3]
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        yield weights[:, :, lo:hi, : t - nq + hi]
+
+
 def whole_attention(layer: EvictingLayer, scaling: float, softcap: float | None) -> torch.Tensor:
     """``(B, H, Q, T)`` float32: :func:`recompute_attention` for every kept query at once (padding rows zero)."""
     b, hq, nq, _ = layer.queries.shape
     h, t = layer.keys.shape[1], layer.keys.shape[2]
     out = torch.zeros(b, h, nq, t, dtype=torch.float32, device=layer.device)
-    per_block = max(1, _ATTENTION_CHUNK_ELEMENTS // max(1, b * hq * t))  # bounds the transient logits
+    per_block = max(1, ATTENTION_CHUNK_ELEMENTS // max(1, b * hq * t))  # bounds the transient logits
     bounds = [*range(0, nq, per_block), nq]
     for lo, att in zip(bounds, recompute_attention(layer, scaling, softcap, bounds), strict=False):
         out[:, :, lo : lo + att.shape[2], : att.shape[3]] = att
@@ -148,14 +166,29 @@ def step_view(layer: EvictingLayer, context: LayerContext, probe: Probe | None =
     )
 
 
-def run_step(layer: EvictingLayer, policy: Policy, context: LayerContext, probe: Probe | None = None) -> StepRecord:
-    """Score, select and evict in one layer; then forget its kept queries. Returns what the step did."""
+def run_step(
+    layer: EvictingLayer,
+    policy: Policy,
+    context: LayerContext,
+    probe: Probe | None = None,
+    weights: torch.Tensor | None = None,
+) -> StepRecord:
+    """Score, select and evict in one layer; then forget its kept queries. Returns what the step did.
+
+    ``weights``: ``(B, H, Q, T)`` float32, the kept queries' attention as the attention call that just ran
+    computed it (see :func:`given_attention`); the step then serves the policy from it instead of recomputing.
+    """
     start = time.perf_counter()
     request = policy.request
     attention = {}
     if request.attention and layer.queries is not None:
         attention["query_positions"] = layer.query_positions()
-        if request.stream:
+        if weights is not None:
+            if request.stream:
+                attention["attention_stream"] = functools.partial(given_attention, weights)
+            else:
+                attention["attention"] = weights
+        elif request.stream:
             attention["attention_stream"] = functools.partial(
                 recompute_attention, layer, context.scaling, context.softcap
             )
