@@ -17,6 +17,12 @@ from namm.policies import H2O, Full, SnapKV
 from namm.policies.base import ALL_QUERIES, StepRequest, read_attention
 
 
+@pytest.fixture(autouse=True)
+def reuse_on(monkeypatch):
+    """The reuse is off by default (docs/benchmarks.md); these tests switch it on unless they say otherwise."""
+    monkeypatch.setattr(MemoryCache, "reuse_attention", True)
+
+
 @dataclass
 class SpyH2O(H2O):
     """H2O that records, per (layer, n_seen), the whole ``(B, H, Q, T)`` attention its step carries (read in

@@ -65,9 +65,11 @@ class MemoryCache(Cache):
         delay: a memory step runs every ``delay`` tokens, counted by absolute position.
     """
 
-    #: A memory step that follows a chunk at once and reads all its queries takes the weights the chunk's attention
-    #: call computed (:meth:`_wants_weights`); False: every step recomputes them (set on an instance or the class).
-    reuse_attention: bool = True
+    #: True: a memory step that follows a chunk at once and reads all its queries takes the weights the chunk's
+    #: attention call computed explicitly (:meth:`_wants_weights`) instead of SDPA + a recompute. Off by default:
+    #: measured on SmolLM2 at 4k, 2 threads (benchmarks/attention_reuse_ab.py, docs/benchmarks.md), it made a
+    #: keep-all NAMM's prefill slower (23.8 s vs 19.3 s) and H2O's slightly faster (11.1 s vs 12.1 s).
+    reuse_attention: bool = False
 
     def __init__(self, model, policy: Policy, delay: int = 512):
         if not isinstance(policy, Policy):

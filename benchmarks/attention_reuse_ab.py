@@ -1,0 +1,58 @@
+"""A/B of the attention reuse at memory steps: prefill time with ``MemoryCache.reuse_attention`` on and off.
+
+A keep-all NAMM (zero parameters) and H2O prefill the same prompt in chunks equal to the cadence, alternating
+reuse on and off; Full (one pass) is timed in the same run for the ratio. Medians, seconds.
+
+Usage: ``python benchmarks/attention_reuse_ab.py --length 4096 --delay 512 --repeats 2``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import namm
+from namm.cache import MemoryCache
+from namm.policies import H2O, Full
+from namm.tasks import get_task
+
+
+def prefill(model, tok, prompt, policy, delay):
+    t0 = time.perf_counter()
+    namm.generate(model, tok, prompt, policy, max_new_tokens=0, delay=delay, chunk_size=delay)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--delay", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    model, tok = namm.load_model("smollm2-135m")
+    prompt = get_task("passkey").samples(1, seed=6200, length=args.length, tokenizer=tok)[0].prompt
+    times: dict[str, list[float]] = {}
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        namm.generate(model, tok, prompt, Full(), max_new_tokens=0)
+        times.setdefault("Full (one pass)", []).append(time.perf_counter() - t0)
+        for reuse in (True, False):
+            MemoryCache.reuse_attention = reuse
+            for name, policy in (("NAMM keep-all", namm.NAMM()), ("H2O 25%", H2O(budget=0.25))):
+                times.setdefault(f"{name}, reuse {'on' if reuse else 'off'}", []).append(
+                    prefill(model, tok, prompt, policy, args.delay))
+    MemoryCache.reuse_attention = True
+    full = statistics.median(times["Full (one pass)"])
+    print(f"\n{args.length} tokens, chunks = cadence = {args.delay}, {args.repeats} repeats, 2 threads\n")
+    print("| configuration | prefill s (median) | x Full |")
+    print("|---|---|---|")
+    for name, ts in times.items():
+        print(f"| {name} | {statistics.median(ts):.2f} | {statistics.median(ts) / full:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
