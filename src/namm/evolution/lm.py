@@ -211,25 +211,27 @@ class LMEvaluator:
         out = []
         for s in sample_ids:
             if self.graded(s):
-                if self.recipe.metric == "margin":
-                    self.full_margins(task, s)
-                else:
-                    self.full_logprob(task, s)
+                self._full_reference(task, s)
                 out.append(1.0)  # graded scores are relative to the full cache: exactly 1 for it
             else:
                 out.append(self._run(task, s, Full())[0][0])
         return np.array(out)
 
+    def _full_reference(self, task: str, sample_id: str):
+        """What the recipe's graded metric compares a member with: the full cache's margins (``margin``) or its
+        log-likelihood and answer token count (``likelihood``); computed once, kept on disk."""
+        if self.recipe.metric == "margin":
+            return self.full_margins(task, sample_id)
+        return self.full_logprob(task, sample_id)
+
     def _member_scores(self, task: str, sample_id: str, copies: int):
-        if self.graded(sample_id) and self.recipe.metric == "margin":
-            full_m = self.full_margins(task, sample_id)
-            answers, stats = self._logprob(task, sample_id, self.policy, copies=copies)
-            return margin_score(np.array([a.margins for a in answers]), full_m), stats
-        if self.graded(sample_id):
-            full, tokens = self.full_logprob(task, sample_id)
-            answers, stats = self._logprob(task, sample_id, self.policy, copies=copies)
-            return graded_score(np.array([a.logprob for a in answers]), full, tokens), stats
-        return self._run(task, sample_id, self.policy, copies=copies)
+        if not self.graded(sample_id):
+            return self._run(task, sample_id, self.policy, copies=copies)
+        full = self._full_reference(task, sample_id)
+        answers, stats = self._logprob(task, sample_id, self.policy, copies=copies)
+        if self.recipe.metric == "margin":
+            return margin_score(np.array([a.margins for a in answers]), full), stats
+        return graded_score(np.array([a.logprob for a in answers]), *full), stats
 
     def evaluate(self, params: np.ndarray, task: str, sample_ids: list[str]) -> EvalResult:
         start = time.perf_counter()
