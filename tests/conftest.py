@@ -105,6 +105,19 @@ def with_cache(model, cache) -> dict:
     return {cache_argument(model): cache}
 
 
+def prefill_in_chunks(model, tokenizer, policy, prompt: str, delay: int):
+    """Run ``prompt`` through ``model`` into a :class:`namm.MemoryCache` of ``policy``, ``delay`` tokens per forward
+    call (a memory step after each full chunk); returns the cache."""
+    import namm  # noqa: PLC0415
+
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    cache = namm.MemoryCache(model, policy, delay=delay)
+    with torch.no_grad():
+        for s in range(0, ids.shape[1], delay):
+            model(ids[:, s : s + delay], **with_cache(model, cache))
+    return cache
+
+
 def unwritable_dir(tmp_path: Path) -> Path:
     """A directory no file can be written into: a read-only folder, or (as root, who ignores modes) /sys."""
     ro = tmp_path / "read-only"

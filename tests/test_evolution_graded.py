@@ -93,32 +93,25 @@ def test_margin_score_is_one_for_the_full_cache_and_a_lost_first_token_costs_the
         soft_greedy_prefix(np.zeros(0))
 
 
-def test_margin_fitness_of_full_against_itself_is_exactly_one(tmp_path, first_word_task):  # noqa: F811
-    recipe = Recipe.from_dict({**RECIPE, "metric": "margin"})
+@pytest.mark.parametrize("metric, stored_file, answer_tokens", [
+    ("likelihood", "full_logprob.json", lambda entry: entry[1]),  # [logprob, tokens]
+    ("margin", "full_margins.json", len),  # one margin per answer token
+])
+def test_graded_fitness_of_full_against_itself_is_exactly_one(tmp_path, first_word_task, metric,  # noqa: F811
+                                                               stored_file, answer_tokens):
+    recipe = Recipe.from_dict({**RECIPE, "metric": metric})
     ev = LMEvaluator(recipe, tmp_path, model=tiny_model("llama"), tokenizer=word_tokenizer())
     ids = ev.sample_pool("first_word_test", "train")[:3]
     assert ev.full_scores("first_word_test", ids).tolist() == [1.0, 1.0, 1.0]
+    # a member keeping everything (budget 1.0) has exactly the full cache's answer scores
     ev.policy.budget = 1.0
     res = ev.evaluate(ev.initial_params()[None].repeat(2, 0), "first_word_test", ids)
     assert res.scores.tolist() == [[1.0] * 3] * 2
-    stored = json.loads((tmp_path / "full_margins.json").read_text())
-    assert len(stored) == 3 and all(len(m) == 1 for m in stored.values())
+    stored = json.loads((tmp_path / stored_file).read_text())
+    assert len(stored) == 3 and all(answer_tokens(entry) == 1 for entry in stored.values())
     ev.policy.budget = 0.2  # a real eviction scores in [0, 1]
     res = ev.evaluate(ev.initial_params()[None], "first_word_test", ids)
     assert ((res.scores >= 0) & (res.scores <= 1)).all()
-
-
-def test_graded_fitness_of_full_against_itself_is_exactly_one(tmp_path, first_word_task):  # noqa: F811
-    recipe = Recipe.from_dict(RECIPE)
-    ev = LMEvaluator(recipe, tmp_path, model=tiny_model("llama"), tokenizer=word_tokenizer())
-    ids = ev.sample_pool("first_word_test", "train")[:3]
-    assert ev.full_scores("first_word_test", ids).tolist() == [1.0, 1.0, 1.0]
-    # a member keeping everything (budget 1.0) has exactly the full cache's likelihood
-    ev.policy.budget = 1.0
-    res = ev.evaluate(ev.initial_params()[None].repeat(2, 0), "first_word_test", ids)
-    assert res.scores.tolist() == [[1.0] * 3] * 2
-    stored = json.loads((tmp_path / "full_logprob.json").read_text())
-    assert len(stored) == 3 and all(tokens == 1 for _, tokens in stored.values())
 
 
 def test_subspace_embeds_and_starts_where_asked():

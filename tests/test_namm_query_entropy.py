@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import namm
-from conftest import random_prompt, with_cache
+from conftest import prefill_in_chunks, random_prompt
 from namm.memory import NAMM, FeatureNormaliser, NAMMConfig, param_count, step_features
 from namm.memory.features import QUERY_ENTROPY_KEY
 from test_namm_features import blocked_step, make_step
@@ -84,11 +84,7 @@ def test_a_budgeted_namm_with_the_feature_runs_through_the_cache_and_keeps_its_b
                         key_norm_feature=True, query_entropy_feature=True)
     policy = NAMM(config)
     policy.set_params(0.1 * torch.randn(policy.n_params, generator=torch.Generator().manual_seed(0)))
-    ids = tokenizer(random_prompt(150, seed=5), return_tensors="pt").input_ids
-    cache = namm.MemoryCache(llama, policy, delay=32)
-    with torch.no_grad():
-        for s in range(0, ids.shape[1], 32):
-            llama(ids[:, s : s + 32], **with_cache(llama, cache))
+    cache = prefill_in_chunks(llama, tokenizer, policy, random_prompt(150, seed=5), delay=32)
     assert cache.stats.steps
     for layer in cache.managed:
         state = layer.state[QUERY_ENTROPY_KEY]
