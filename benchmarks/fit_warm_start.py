@@ -40,7 +40,8 @@ NEGATIVE_SHARE = 0.05  # haystack tokens kept for the fit (all needle tokens are
 def feature_names(config) -> list[str]:
     names = [f"recency{i}" for i in range(config.recency_dim)] + [f"spec{i}" for i in range(config.n_spec)]
     names += ["key_norm"] * config.key_norm_feature + ["query_entropy"] * config.query_entropy_feature
-    return names + ["key_novelty"] * config.key_novelty_feature
+    names += ["key_novelty"] * config.key_novelty_feature
+    return names + ["reconstruction"] * config.reconstruction_feature
 
 
 Step = tuple[int, int, np.ndarray, np.ndarray]  # layer, head, features (T, F), needle labels (T,)
@@ -142,7 +143,7 @@ def main() -> None:
     l2_start = np.zeros(len(names))
     l2_start[names.index("key_norm")] = -1.0
     report = {"fit": recall(test, w, budget), "l2 start (-key_norm)": recall(test, l2_start, budget)}
-    for name in ("key_norm", "key_novelty", "query_entropy", "spec0"):
+    for name in ("key_norm", "key_novelty", "query_entropy", "spec0", "reconstruction"):
         if name in names:
             for sign in (1.0, -1.0):
                 e = np.zeros(len(names))

@@ -13,10 +13,10 @@ SELECTION_MODES = ("per_layer", "per_head")
 SPECTRAL_NORMS = ("global", "per_head")
 #: Fields added after the first checkpoint format: a checkpoint without them takes their defaults.
 OPTIONAL_FIELDS = frozenset({"budget", "depth_knots", "spectral_norm", "key_norm_feature", "bam_window",
-                             "query_entropy_feature", "key_novelty_feature"})
+                             "query_entropy_feature", "key_novelty_feature", "reconstruction_feature"})
 #: Options shown by ``repr`` and written by ``to_dict`` only when set, so that adding them left every existing
 #: policy fingerprint (and the harness records keyed by it) and checkpoint file unchanged.
-REPR_WHEN_SET = frozenset({"bam_window", "query_entropy_feature", "key_novelty_feature"})
+REPR_WHEN_SET = frozenset({"bam_window", "query_entropy_feature", "key_novelty_feature", "reconstruction_feature"})
 
 
 @dataclass
@@ -61,6 +61,14 @@ class NAMMConfig:
             valid slots (KeyDiff's rule, Park et al., 2025, arXiv 2504.15364), standardised per head and step:
             repeated filler sits near the mean key, a unique fact away from it. A key-derived scalar, so the
             memory stays model-agnostic; a deviation from the reference, off by default.
+        reconstruction_feature: append the attention a token receives while the model reconstructs the context
+            (KVzip's signal, Kim et al., 2025, arXiv 2505.23416): before each memory step the engine runs "repeat
+            the previous context" + the tokens since the previous step through the cache and takes them out again
+            (:class:`~namm.policies.base.Probe`); each new token's feature is the log of the most attention any
+            reconstruction query gives it (normalised over the sinks, its chunk and the probe), computed once and
+            kept, standardised per head and step. Still an attention-derived scalar, so the memory stays
+            model-agnostic; it costs one extra forward pass over the context (``probe_seconds``). A deviation
+            from the reference, off by default (docs/namm.md).
     """
 
     n_fft: int = 32
@@ -83,6 +91,7 @@ class NAMMConfig:
     key_norm_feature: bool = False
     query_entropy_feature: bool = False
     key_novelty_feature: bool = False
+    reconstruction_feature: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -107,7 +116,7 @@ class NAMMConfig:
         """Size of a token's feature vector: recency code, spectrum, optional key norm and query entropy (25 by
         default)."""
         return (self.recency_dim + self.n_spec + int(self.key_norm_feature) + int(self.query_entropy_feature)
-                + int(self.key_novelty_feature))
+                + int(self.key_novelty_feature) + int(self.reconstruction_feature))
 
     @property
     def frame_decay(self) -> float:
@@ -128,7 +137,7 @@ class NAMMConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise NammError(f"NAMMConfig.{name} must be a finite number, got {v!r}.")
         for name in ("bam_bias", "always_keep_newest", "key_norm_feature", "query_entropy_feature",
-                     "key_novelty_feature"):
+                     "key_novelty_feature", "reconstruction_feature"):
             if not isinstance(getattr(self, name), bool):
                 raise NammError(f"NAMMConfig.{name} must be true or false, got {getattr(self, name)!r}.")
         if self.n_fft < 2 or self.n_fft % 2:

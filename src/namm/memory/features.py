@@ -35,6 +35,9 @@ from namm.policies.base import MemoryStep, read_attention
 
 EMA_KEY = "namm_ema"
 CARRY_KEY = "namm_carry"
+#: ``(B, H, T)`` per-token state: the reconstruction attention each token received (reconstruction_feature), written
+#: by :class:`~namm.memory.policy.NAMM` from the step's probe.
+RECONSTRUCTION_KEY = "namm_reconstruction"
 #: ``(B, H, T, 1)`` per-token state: the normalised entropy of the token's own query row (query_entropy_feature).
 QUERY_ENTROPY_KEY = "namm_query_entropy"
 
@@ -380,6 +383,12 @@ def step_features(
         parts.append(standardise_per_head(_query_entropy_state(step, entropy), valid))
     if config.key_novelty_feature:
         parts.append(standardise_per_head(key_novelty(step.keys, valid).unsqueeze(-1), valid))
+    if config.reconstruction_feature:
+        recon = step.state.get(RECONSTRUCTION_KEY)
+        if recon is None or recon.shape != (b, h, t):
+            raise NammError("reconstruction_feature needs the step's reconstruction attention in step.state "
+                            f"[{RECONSTRUCTION_KEY!r}] as (B, H, T) (the NAMM policy writes it from the probe).")
+        parts.append(standardise_per_head(torch.log(recon.float() + LOG_FLOOR).unsqueeze(-1), valid))
     features = torch.cat(parts, dim=-1)
     return features.masked_fill(~keep, 0.0), new_ema, new_carry
 
@@ -429,6 +438,7 @@ __all__ = [
     "CARRY_KEY",
     "EMA_KEY",
     "QUERY_ENTROPY_KEY",
+    "RECONSTRUCTION_KEY",
     "FeatureNormaliser",
     "dft_basis",
     "hann_window",

@@ -28,10 +28,22 @@ from namm.atomic import atomic_write_bytes, atomic_write_text
 from namm.errors import NammError
 from namm.memory.bam import bam_scores, param_count
 from namm.memory.config import NAMMConfig, check_budget
-from namm.memory.features import CARRY_KEY, EMA_KEY, FeatureNormaliser, newest_position, step_features
+from namm.memory.features import (
+    CARRY_KEY,
+    EMA_KEY,
+    RECONSTRUCTION_KEY,
+    FeatureNormaliser,
+    newest_position,
+    step_features,
+)
 from namm.policies import register_policy
-from namm.policies.base import ALL_QUERIES, MemoryStep, Policy, StepRequest, budget_tokens
+from namm.policies.allocation import HeadAllocation
+from namm.policies.base import ALL_QUERIES, MemoryStep, Policy, StepRequest, budget_tokens, exceeds, head_tokens
+from namm.policies.peers import reconstruction_ids, reconstruction_scores
 from namm.policies.selection import threshold_keep, top_k_keep
+
+#: First tokens that take part in every chunk's reconstruction softmax (KVzip's sinks).
+RECONSTRUCTION_SINKS = 4
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -73,15 +85,18 @@ class NAMM(Policy):
             tokens into the normalisation statistics and keeps every token.
         budget: budgeted mode: the mean budget per head, a fraction in ``(0, 1]`` of the tokens seen or a
             token count; ``None`` takes the config's (``None`` there too: threshold mode).
+        head_allocation: budgeted mode: a per-head allocation for one model (a logit per layer and KV head,
+            fitted to retrieval heads); it replaces the depth allocation on that model and is saved with the
+            checkpoint. Loading a checkpoint for another model shape: ``from_pretrained(..., heads=False)``.
     """
 
     name: ClassVar[str] = "namm"
-    request: ClassVar[StepRequest] = StepRequest(queries=ALL_QUERIES, stream=True)
 
     config: NAMMConfig = field(default_factory=NAMMConfig)
     params: torch.Tensor | None = field(default=None, repr=False)
     collect_stats: bool = False
     budget: float | int | None = None
+    head_allocation: HeadAllocation | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.config, NAMMConfig):
@@ -91,6 +106,15 @@ class NAMM(Policy):
         self.params = torch.zeros(n) if self.params is None else _as_vector(self.params, n, "NAMM parameters")
         self.normaliser = FeatureNormaliser(self.config.n_spec, self.config.norm_eps)
         self.population: torch.Tensor | None = None
+
+    @property
+    def request(self) -> StepRequest:  # type: ignore[override]
+        """Every query's attention, streamed; with ``reconstruction_feature`` also KVzip's reconstruction probe."""
+        return StepRequest(queries=ALL_QUERIES, stream=True, probe=self.config.reconstruction_feature)
+
+    def probe_ids(self, tokenizer, chunk: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+        """KVzip's "repeat the previous context" prompt + the chunk (``reconstruction_feature`` only)."""
+        return reconstruction_ids(tokenizer, chunk, before)
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -151,6 +175,8 @@ class NAMM(Policy):
                     "run one population member per batch row."
                 )
             params = self.population
+        if self.config.reconstruction_feature:
+            reconstruction_scores(step, RECONSTRUCTION_SINKS, RECONSTRUCTION_KEY, "A NAMM with reconstruction_feature")
         features, ema, carry = step_features(
             step,
             self.config,
@@ -180,16 +206,22 @@ class NAMM(Policy):
         so the budget holds before the answer). Threshold mode keeps its own cadence: False."""
         if self.active_budget is None or self.collect_stats:
             return False
-        return bool((step.valid.sum(-1) > self.budget_tokens(step)[:, None]).any())
+        return exceeds(step, self.budget_tokens(step))
 
     def budget_tokens(self, step: MemoryStep) -> torch.Tensor:
-        """``(B,)`` tokens per head of this layer in budgeted mode (its share under the depth allocation)."""
+        """``(B,)`` tokens per head of this layer in budgeted mode (its share under the depth allocation), or
+        ``(B, H)`` per head under a head allocation."""
+        if self.head_allocation is not None:
+            return head_tokens(self.head_allocation.tensor(), self.active_budget, step, self.head_allocation.floor)
         return budget_tokens(self.active_budget, step, self.depth_logits())
 
     def fingerprint(self) -> str:
         """The config and options plus a digest of the weights, the normalisation statistics and any population."""
         digest = hashlib.sha1()
-        for t in (self.params, self.normaliser.mu, self.normaliser.sigma, self.population):
+        alloc = self.head_allocation
+        heads = None if alloc is None else torch.cat(
+            [alloc.tensor().reshape(-1), torch.tensor([alloc.floor], dtype=torch.float64)])
+        for t in (self.params, self.normaliser.mu, self.normaliser.sigma, self.population, heads):
             if t is not None:
                 digest.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
         return f"{self!r} weights={digest.hexdigest()[:16]}"
@@ -198,6 +230,7 @@ class NAMM(Policy):
         b = self.active_budget
         how = f"{self.config.selection} selection" if b is None else (
             f"budget {b:.0%}" if isinstance(b, float) else f"budget {b} tokens") + (
+            f", fitted head allocation ({self.head_allocation})" if self.head_allocation is not None else
             f", learned depth allocation ({self.config.depth_knots} knots)" if self.config.depth_knots else "")
         parts = [f"{self.n_params:,} params", how, self.normaliser.describe()]
         if self.population is not None:
@@ -222,22 +255,28 @@ class NAMM(Policy):
             "config": self.config.to_dict(),
             "normalisation_frozen": self.normaliser.frozen,
         }
+        if self.head_allocation is not None:
+            meta["head_floor"] = self.head_allocation.floor
         tensors = {
             "params": self.params.float().contiguous(),
             "norm_mu": self.normaliser.mu.contiguous(),
             "norm_sigma": self.normaliser.sigma.contiguous(),
             "norm_count": torch.tensor(self.normaliser.count, dtype=torch.float64),
         }
+        if self.head_allocation is not None:
+            tensors["head_logits"] = self.head_allocation.tensor().contiguous()
         atomic_write_bytes(path / WEIGHTS_FILE, save(tensors, metadata={"format": FORMAT}))
         atomic_write_text(path / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
         return path
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str | Path, budget: float | int | None = None) -> NAMM:
+    def from_pretrained(cls, name_or_dir: str | Path, budget: float | int | None = None, heads: bool = True) -> NAMM:
         """Load a checkpoint folder, or a bundled checkpoint by name (e.g. ``"smollm2-135m"``).
 
         ``budget`` overrides the checkpoint's budget (budgeted mode); a threshold checkpoint given a budget
-        keeps its top-scored tokens instead of its non-negative ones.
+        keeps its top-scored tokens instead of its non-negative ones. ``heads=False`` leaves out the
+        checkpoint's per-head allocation (fitted to one model's heads) and uses its depth allocation instead:
+        the memory for another model (zero-shot transfer).
         """
         path = _resolve(name_or_dir)
         meta = _read_meta(path / CONFIG_FILE)
@@ -253,8 +292,16 @@ class NAMM(Policy):
         n, k = param_count(config), config.n_spec
         expected = {"params": (n,), "norm_mu": (k,), "norm_sigma": (k,), "norm_count": ()}
         weights_file = path / WEIGHTS_FILE
+        head_logits = tensors.pop("head_logits", None)
         if set(tensors) != set(expected):
             raise NammError(f"{weights_file}: expected tensors {sorted(expected)}, found {sorted(tensors)}.")
+        head_allocation = None
+        if head_logits is not None and heads:
+            floor = meta.get("head_floor", 0.0)
+            if head_logits.dim() != 2 or not torch.isfinite(head_logits).all() or not isinstance(floor, (int, float)):
+                raise NammError(f"{weights_file}: 'head_logits' must be a finite (layers, heads) table and "
+                                f"{CONFIG_FILE}'s 'head_floor' a number.")
+            head_allocation = HeadAllocation(tuple(tuple(r) for r in head_logits.tolist()), float(floor))
         for key, shape in expected.items():
             t = tensors[key]
             if tuple(t.shape) != shape:
@@ -264,7 +311,7 @@ class NAMM(Policy):
                 )
             if not t.is_floating_point() or not torch.isfinite(t).all():
                 raise NammError(f"{weights_file}: tensor {key!r} must hold finite floating-point values.")
-        policy = cls(config=config, params=tensors["params"], budget=budget)
+        policy = cls(config=config, params=tensors["params"], budget=budget, head_allocation=head_allocation)
         try:
             policy.normaliser.load(tensors["norm_mu"], tensors["norm_sigma"], float(tensors["norm_count"]), frozen)
         except NammError as e:

@@ -39,6 +39,34 @@ def layer_logits(knots: torch.Tensor, n_layers: int) -> torch.Tensor:
     return kd[..., lo] * (1 - frac) + kd[..., lo + 1] * frac
 
 
+def water_fill(logits: torch.Tensor, mean_fraction: torch.Tensor) -> torch.Tensor:
+    """Fractions of ``N`` units (layers, or heads) whose mean is ``mean_fraction``, shared by softmax of ``logits``.
+
+    Args:
+        logits: ``(B, N)`` float64 logits.
+        mean_fraction: ``(B,)`` float64 means in ``(0, 1]``.
+
+    Returns:
+        ``(B, N)`` float64 fractions in ``[0, 1]`` summing to ``N x mean_fraction``: softmax shares times
+        ``N x mean_fraction``, capped at 1 with the excess redistributed over the uncapped units in proportion
+        to their shares.
+    """
+    b, n = logits.shape
+    share = torch.softmax(logits, dim=-1)  # (B, N), sums to 1
+    total = mean_fraction * n  # (B,) sum of fractions to hand out
+    capped = torch.zeros(b, n, dtype=torch.bool)
+    frac = torch.zeros(b, n, dtype=torch.float64)
+    for _ in range(n):
+        free = total - capped.sum(-1)  # what the uncapped units share
+        weight = share.masked_fill(capped, 0.0)
+        frac = torch.where(capped, torch.ones_like(frac), weight * (free / weight.sum(-1).clamp(min=1e-300))[:, None])
+        over = (frac > 1.0) & ~capped
+        if not bool(over.any()):
+            break
+        capped |= over
+    return frac.clamp(max=1.0)
+
+
 def allocate(knots: torch.Tensor, mean_fraction: torch.Tensor | float, n_layers: int) -> torch.Tensor:
     """Per-layer cache fractions whose mean over layers is ``mean_fraction``.
 
@@ -61,19 +89,7 @@ def allocate(knots: torch.Tensor, mean_fraction: torch.Tensor | float, n_layers:
     knots, m = knots.expand(b, -1), m.expand(b).clone()
     if bool(((m <= 0) | (m > 1)).any()):
         raise NammError(f"A mean budget fraction must lie in (0, 1], got {m.tolist()}.")
-    share = torch.softmax(layer_logits(knots, n_layers), dim=-1)  # (B, L), sums to 1
-    total = m * n_layers  # (B,) sum of fractions to hand out
-    capped = torch.zeros(b, n_layers, dtype=torch.bool)
-    frac = torch.zeros(b, n_layers, dtype=torch.float64)
-    for _ in range(n_layers):
-        free = total - capped.sum(-1)  # what the uncapped layers share
-        weight = share.masked_fill(capped, 0.0)
-        frac = torch.where(capped, torch.ones_like(frac), weight * (free / weight.sum(-1).clamp(min=1e-300))[:, None])
-        over = (frac > 1.0) & ~capped
-        if not bool(over.any()):
-            break
-        capped |= over
-    return frac.clamp(max=1.0)
+    return water_fill(layer_logits(knots, n_layers), m)
 
 
 @dataclass(frozen=True)
@@ -103,4 +119,86 @@ class DepthAllocation:
         return "depth[" + ",".join(f"{k:.2f}" for k in self.knots) + "]"
 
 
-__all__ = ["DepthAllocation", "allocate", "layer_logits", "relative_depths"]
+def allocate_heads(logits: torch.Tensor, mean_fraction: torch.Tensor | float, floor: float = 0.0) -> torch.Tensor:
+    """Per-head cache fractions over a whole model whose mean over every (layer, head) is ``mean_fraction``.
+
+    Every head first gets ``f = min(floor, mean)``; the rest of the budget is water-filled over the heads by
+    the softmax of their logits (:func:`water_fill`), so ``fractions = f + (1 - f) x water_fill(logits, (mean -
+    f) / (1 - f))``: exact mean, every head in ``[f, 1]``.
+
+    Args:
+        logits: ``(L, H)`` logits, one per managed layer and KV head.
+        mean_fraction: scalar or ``(B,)`` mean fraction in ``(0, 1]``.
+        floor: the least fraction any head keeps, in ``[0, 1)``.
+
+    Returns:
+        ``(B, L, H)`` float64 fractions.
+    """
+    logits = torch.as_tensor(logits, dtype=torch.float64)
+    if logits.dim() != 2:
+        raise NammError(f"Head allocation logits must be (layers, heads), got shape {tuple(logits.shape)}.")
+    m = torch.as_tensor(mean_fraction, dtype=torch.float64).reshape(-1)
+    if bool(((m <= 0) | (m > 1)).any()):
+        raise NammError(f"A mean budget fraction must lie in (0, 1], got {m.tolist()}.")
+    if not 0.0 <= floor < 1.0:
+        raise NammError(f"A head allocation's floor must lie in [0, 1), got {floor}.")
+    f = m.clamp(max=floor)  # (B,)
+    rest = ((m - f) / (1 - f)).clamp(min=1e-12)
+    flat = water_fill(logits.reshape(1, -1).expand(m.shape[0], -1), rest)  # (B, L*H)
+    return (f[:, None] + (1 - f[:, None]) * flat).view(m.shape[0], *logits.shape)
+
+
+@dataclass(frozen=True)
+class HeadAllocation:
+    """A per-head allocation for one model: a logit per (managed layer, KV head), for any budgeted policy
+    (``allocation=``) and the NAMM (``head_logits``).
+
+    The budget is the mean over every head of the model; heads with high logits keep up to their whole cache
+    (DuoAttention's retrieval heads), the others down to ``floor``. Unlike :class:`DepthAllocation` it is tied
+    to the model's shape (layers x KV heads); it is fitted from attention on full-cache runs
+    (``benchmarks/retrieval_heads.py``, :func:`fit_head_logits`).
+
+    Args:
+        logits: ``L`` rows of ``H`` logits.
+        floor: the least fraction of its tokens any head keeps.
+    """
+
+    logits: tuple[tuple[float, ...], ...]
+    floor: float = 0.0
+
+    def __post_init__(self) -> None:
+        rows = tuple(tuple(float(v) for v in row) for row in self.logits)
+        if not rows or not rows[0] or len({len(r) for r in rows}) != 1:
+            raise NammError("HeadAllocation needs a non-empty (layers x heads) table of logits.")
+        object.__setattr__(self, "logits", rows)
+        if not 0.0 <= self.floor < 1.0:
+            raise NammError(f"HeadAllocation.floor must lie in [0, 1), got {self.floor}.")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.logits), len(self.logits[0])
+
+    def tensor(self) -> torch.Tensor:
+        """``(L, H)`` float64 logits."""
+        return torch.tensor(self.logits, dtype=torch.float64)
+
+    def fractions(self, mean_fraction: float) -> torch.Tensor:
+        """``(L, H)`` fractions with mean ``mean_fraction``."""
+        return allocate_heads(self.tensor(), mean_fraction, self.floor)[0]
+
+    def __str__(self) -> str:
+        return f"heads[{self.shape[0]}x{self.shape[1]}, floor {self.floor:g}]"
+
+
+def fit_head_logits(scores: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Head logits from per-head retrieval scores (attention mass on needles, ``(L, H)``, non-negative).
+
+    The logits are the standardised log scores divided by ``temperature``: a small temperature gives the
+    highest-scored heads their whole cache first (a hard ranking), a large one spreads the budget evenly.
+    """
+    s = torch.as_tensor(scores, dtype=torch.float64).clamp(min=1e-6).log()
+    return (s - s.mean()) / (s.std().clamp(min=1e-12) * temperature)
+
+
+__all__ = ["DepthAllocation", "HeadAllocation", "allocate", "allocate_heads", "fit_head_logits", "layer_logits",
+           "relative_depths", "water_fill"]

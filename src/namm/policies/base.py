@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 import torch
 
 from namm.errors import NammError
-from namm.policies.allocation import DepthAllocation, allocate
+from namm.policies.allocation import DepthAllocation, HeadAllocation, allocate, allocate_heads
 from namm.policies.selection import top_k_keep
 
 #: ``StepRequest.queries`` value asking for every query since the previous memory step.
@@ -300,11 +300,12 @@ class BudgetPolicy(Policy):
     ``budget`` is a token count (``int >= 1``), a fraction of the tokens seen so far (``0 < float <= 1``)
     or a :class:`BudgetSchedule` of token counts per memory step. With an ``allocation``
     (:class:`~namm.policies.allocation.DepthAllocation`) the budget is the *mean* over the managed layers
-    and each layer gets its share of it; without one every layer gets the same budget.
+    and each layer gets its share of it; with a :class:`~namm.policies.allocation.HeadAllocation` it is the
+    mean over every (layer, KV head) and each head gets its own share; without one every head gets the same.
     """
 
     budget: int | float | BudgetSchedule = 0.25
-    allocation: DepthAllocation | None = None
+    allocation: DepthAllocation | HeadAllocation | None = None
 
     def __post_init__(self) -> None:
         b = self.budget
@@ -322,7 +323,10 @@ class BudgetPolicy(Policy):
             raise NammError(f"{name}: budget must be at least 1 token (or a fraction in (0, 1]), got {b}.")
 
     def budget_tokens(self, step: MemoryStep) -> torch.Tensor:
-        """``(B,)`` int64: tokens each head of each row may keep at this memory step."""
+        """``(B,)`` int64 tokens each head of each row may keep at this memory step, or ``(B, H)`` under a
+        :class:`~namm.policies.allocation.HeadAllocation`."""
+        if isinstance(self.allocation, HeadAllocation):
+            return head_tokens(self.allocation.tensor(), self.budget, step, self.allocation.floor)
         knots = torch.tensor(self.allocation.knots) if self.allocation is not None else None
         return budget_tokens(self.budget, step, knots)
 
@@ -338,7 +342,7 @@ class BudgetPolicy(Policy):
         cadence it was matched to (another policy's steps), so it never asks for an extra step."""
         if isinstance(self.budget, BudgetSchedule):
             return False
-        return bool((step.valid.sum(dim=-1) > self.budget_tokens(step)[:, None]).any())
+        return exceeds(step, self.budget_tokens(step))
 
     def keep(self, step: MemoryStep, scores: torch.Tensor) -> torch.Tensor:
         return top_k_keep(scores, step.valid, self.budget_tokens(step))
@@ -353,6 +357,12 @@ class BudgetPolicy(Policy):
             b = f"{b} token{'s' if b != 1 else ''}"
         where = f", {self.allocation}" if self.allocation is not None else ""
         return f"{self.name} (budget {b}{where})"
+
+
+def exceeds(step: MemoryStep, tokens: torch.Tensor) -> bool:
+    """Whether some head holds more valid slots than ``tokens`` (``(B,)`` per row or ``(B, H)`` per head)."""
+    limit = tokens[:, None] if tokens.dim() == 1 else tokens
+    return bool((step.valid.sum(dim=-1) > limit).any())
 
 
 def mean_fraction(budget: int | float | BudgetSchedule, step: MemoryStep) -> torch.Tensor:
@@ -393,6 +403,24 @@ def allocated_tokens(knots: torch.Tensor, budget: int | float | BudgetSchedule, 
     return torch.minimum(tokens, step.n_real.cpu()).to(step.n_real.device)
 
 
+def head_tokens(logits: torch.Tensor, budget: int | float | BudgetSchedule, step: MemoryStep,
+                floor: float = 0.0) -> torch.Tensor:
+    """``(B, H)`` int64 tokens per KV head of this layer under a per-head allocation of ``budget``.
+
+    ``logits`` is ``(L, H)`` over the managed layers (:func:`~namm.policies.allocation.allocate_heads`); the heads'
+    fractions average to the budget's fraction over the whole model, rounded up to tokens.
+    """
+    index, count = step.depth_rank
+    h = step.keys.shape[1]
+    if tuple(logits.shape) != (count, h):
+        raise NammError(f"A head allocation for {logits.shape[0]} layers x {logits.shape[1]} KV heads cannot run on a "
+                        f"model with {count} managed layers x {h} KV heads; fit one for this model.")
+    frac = allocate_heads(logits.cpu(), mean_fraction(budget, step).cpu(), floor)[:, index]  # (B, H)
+    n_real = step.n_real.cpu()[:, None]
+    tokens = torch.ceil(n_real.double() * frac - 1e-9).long().clamp(min=1)
+    return torch.minimum(tokens, n_real).to(step.n_real.device)
+
+
 __all__ = [
     "ALL_QUERIES",
     "BudgetPolicy",
@@ -403,6 +431,8 @@ __all__ = [
     "StepRequest",
     "allocated_tokens",
     "budget_tokens",
+    "exceeds",
+    "head_tokens",
     "mean_fraction",
     "probe_max_attention",
     "protect",

@@ -113,6 +113,41 @@ class PyramidKV(SnapKV):
         return torch.round(budget).long().clamp(min=1)
 
 
+#: KVzip's reconstruction instructions (the authors' and kvpress's wording); see :class:`KVzip`.
+RECONSTRUCT_PROMPT = "\n\nRepeat the previous context exactly."
+RECONSTRUCT_CONTINUATION = "\n\nRepeat the part of the previous context exactly, starting with"
+
+
+def reconstruction_ids(tokenizer, chunk: torch.Tensor, before: torch.Tensor, prompt: str = RECONSTRUCT_PROMPT,
+                       continuation: str = RECONSTRUCT_CONTINUATION, suffix: str = "\n", overlap: int = 8
+                       ) -> torch.Tensor:
+    """``(1, P)`` probe ids that make the model repeat ``chunk`` (``(1, C)``): ``prompt`` for the first chunk, else
+    ``continuation`` + the last ``overlap`` ids of ``before`` (``(1, K)``), then ``suffix`` and the chunk itself."""
+    def encode(text: str) -> torch.Tensor:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        return torch.tensor([ids], dtype=torch.long, device=chunk.device)
+
+    first = before.shape[1] == 0
+    head = encode(prompt) if first else torch.cat([encode(continuation), before[:, -overlap:]], dim=1)
+    return torch.cat([head, encode(suffix), chunk], dim=1)
+
+
+def reconstruction_scores(step: MemoryStep, sinks: int, key: str, who: str) -> torch.Tensor:
+    """``(B, H, T)`` per slot, the most reconstruction attention it received (:func:`probe_max_attention` over the
+    sinks and the probed chunk), computed for the chunk's tokens at this step and kept in ``step.state[key]`` for
+    the older ones (0 for slots never probed)."""
+    if step.probe is None:
+        raise NammError(f"{who} scores tokens by running the model: use namm.generate (or namm's engine), not a "
+                        "bare MemoryCache inside model.generate.")
+    is_sink = step.valid & (step.positions - _first_real(step) < sinks)
+    chunk = step.valid & (step.positions >= step.probe.start)
+    fresh = probe_max_attention(step, chunk | is_sink)
+    old = step.state.get(key)
+    scores = fresh if old is None else torch.where(chunk, fresh, old)
+    step.state[key] = scores
+    return scores
+
+
 @dataclass
 class KVzip(BudgetPolicy):
     """A token's score is the most attention it receives while the model repeats the context (Kim et al., 2025,
@@ -142,32 +177,17 @@ class KVzip(BudgetPolicy):
     request = StepRequest(probe=True)
     sinks: int = 4
     per_head: bool = False
-    prompt: str = "\n\nRepeat the previous context exactly."
-    continuation: str = "\n\nRepeat the part of the previous context exactly, starting with"
+    prompt: str = RECONSTRUCT_PROMPT
+    continuation: str = RECONSTRUCT_CONTINUATION
     suffix: str = "\n"
     overlap: int = 8
 
     def probe_ids(self, tokenizer, chunk: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
-        def encode(text: str) -> torch.Tensor:
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-            return torch.tensor([ids], dtype=torch.long, device=chunk.device)
-
-        if before.shape[1] == 0:
-            head = encode(self.prompt)
-        else:
-            head = torch.cat([encode(self.continuation), before[:, -self.overlap:]], dim=1)
-        return torch.cat([head, encode(self.suffix), chunk], dim=1)
+        return reconstruction_ids(tokenizer, chunk, before, self.prompt, self.continuation, self.suffix, self.overlap)
 
     def score(self, step: MemoryStep) -> torch.Tensor:
-        if step.probe is None:
-            raise NammError("KVzip scores tokens by running the model: use namm.generate (or namm's engine), not a "
-                            "bare MemoryCache inside model.generate.")
         is_sink = step.valid & (step.positions - _first_real(step) < self.sinks)
-        chunk = step.valid & (step.positions >= step.probe.start)
-        fresh = probe_max_attention(step, chunk | is_sink)
-        old = step.state.get("kvzip", torch.zeros_like(fresh))
-        scores = torch.where(chunk, fresh, old)
-        step.state["kvzip"] = scores
+        scores = reconstruction_scores(step, self.sinks, "kvzip", type(self).__name__)
         return protect(scores, is_sink)
 
     def keep(self, step: MemoryStep, scores: torch.Tensor) -> torch.Tensor:

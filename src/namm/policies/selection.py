@@ -6,21 +6,21 @@ import torch
 
 
 def top_k_keep(scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Keep the ``k[b]`` highest-scored valid slots of every head of row ``b``.
+    """Keep the ``k[b]`` (or ``k[b, h]``) highest-scored valid slots of every head of row ``b``.
 
     Args:
         scores: ``(B, H, T)`` float scores.
         valid: ``(B, H, T)`` bool; invalid slots are never kept.
-        k: ``(B,)`` int64 tokens to keep per head.
+        k: ``(B,)`` int64 tokens to keep per head, or ``(B, H)`` per head (a per-head allocation).
 
     Returns:
-        ``(B, H, T)`` bool keep mask with ``min(k[b], #valid)`` slots set per head.
+        ``(B, H, T)`` bool keep mask with ``min(k, #valid)`` slots set per head.
     """
     masked = scores.float().masked_fill(~valid, float("-inf"))
     order = masked.argsort(dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    return valid & (rank < k.view(-1, 1, 1))
+    return valid & (rank < (k[:, :, None] if k.dim() == 2 else k.view(-1, 1, 1)))
 
 
 def threshold_keep(
@@ -61,7 +61,7 @@ def head_adaptive_keep(
     Args:
         scores: ``(B, H, T)`` float scores, comparable across the heads of a layer.
         valid: ``(B, H, T)`` bool; invalid slots are never kept.
-        k: ``(B,)`` int64 mean tokens per head.
+        k: ``(B,)`` int64 mean tokens per head, or ``(B, H)`` per-head shares (the layer keeps their sum).
         safeguard: share of ``k`` every head keeps regardless of the other heads, in ``[0, 1]``.
 
     Returns:
@@ -72,5 +72,6 @@ def head_adaptive_keep(
     if safeguard > 0:
         guaranteed = top_k_keep(s, valid, torch.floor(k.double() * safeguard).long())
         s = s.masked_fill(guaranteed, float("inf"))
-    flat = top_k_keep(s.reshape(b, 1, h * t), valid.reshape(b, 1, h * t), k * h)
+    total = k.sum(-1) if k.dim() == 2 else k * h
+    flat = top_k_keep(s.reshape(b, 1, h * t), valid.reshape(b, 1, h * t), total)
     return flat.view(b, h, t)
