@@ -162,3 +162,22 @@ def test_budgeted_namm_holds_its_budget_on_a_prompt_shorter_than_its_cadence(tok
     assert [s["n_seen"] for s in out.stats.steps] == [14, 14, 14]  # one end-of-prompt step per layer
     for s in out.stats.steps:
         assert all(v == int(torch.ceil(14 * fractions[s["layer"]] - 1e-9)) for row in s["kept"] for v in row)
+
+
+def test_head_sharing_keeps_the_layers_total_with_its_top_scores_over_all_heads():
+    cfg = budget_config(head_sharing=True, spectral_norm="per_head", key_norm_feature=True)
+    policy = NAMM(cfg, params=torch.randn(param_count(cfg), generator=torch.Generator().manual_seed(4)))
+    step = _step(0, 2)
+    scores = policy.score(step)
+    keep = policy.keep(step, scores)
+    counts = keep.sum(-1)  # (B, H)
+    assert counts.sum(-1).tolist() == [3 * 20, 3 * 20]  # budget 0.5 of 40 tokens x 3 heads, per row
+    assert len(set(counts.flatten().tolist())) > 1  # heads hold different numbers of tokens
+    newest = step.positions == step.positions.amax(-1, keepdim=True)
+    assert bool(keep[newest].all())
+    lifted = scores.masked_fill(newest, float("inf")).flatten(1)
+    for row in range(2):
+        threshold = lifted[row].topk(60).values[-1]
+        assert bool((keep[row].flatten() == (lifted[row] >= threshold)).all())
+    with pytest.raises(NammError, match="head_sharing needs"):
+        NAMMConfig(head_sharing=True)

@@ -1,5 +1,5 @@
-"""The NAMM shipped inside the package for SmolLM2: it loads, and on a fixed passkey set it keeps less
-cache than Full without losing a single answer."""
+"""The NAMM shipped inside the package for SmolLM2: it loads, and on a fixed 2k passkey set it keeps at most 55% of
+the cache and answers at least as many as StreamingLLM at the same size."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import namm
 from namm.harness import evaluate
 from namm.memory import bundled_checkpoints
-from namm.policies import Full
+from namm.policies import Full, StreamingLLM
 from namm.tasks import get_task
 
 pytestmark = pytest.mark.integration
@@ -21,23 +21,22 @@ SHIPPED = "smollm2-135m"
 def test_the_smollm2_namm_is_bundled_and_loads():
     assert SHIPPED in bundled_checkpoints()
     policy = namm.NAMM.from_pretrained(SHIPPED)
-    assert policy.n_params == 4172
-    assert policy.get_params().abs().sum() > 0, "the shipped NAMM must be evolved, not the zero (keep-all) start"
-    assert policy.normaliser.frozen
+    assert policy.active_budget == 0.5 and policy.config.reconstruction_feature and policy.config.head_sharing
+    assert policy.get_params().abs().sum() > 0, "the shipped NAMM must score tokens, not be the zero start"
+    assert policy.request.probe
 
 
-def test_the_shipped_namm_keeps_less_cache_than_full_with_no_loss_on_passkey(smollm2):
+def test_the_shipped_namm_keeps_at_most_55_percent_and_beats_streaming_on_passkey(smollm2):
     model, tok = smollm2
     policy = namm.NAMM.from_pretrained(SHIPPED)
     task = get_task("passkey")
-    # Seed 4242 is neither the training seed (0) nor the validation seed (1000) of the recipe.
-    samples = task.samples(6, seed=4242, length=1024, tokenizer=tok)
+    # Seed 4242 is used by no fit, selection or benchmark of the shipped memory.
+    samples = task.samples(4, seed=4242, length=2048, tokenizer=tok)
     delay = policy.config.delay
-    full = evaluate(model, tok, task, Full(), samples, delay=delay, chunk_size=128, progress=False)
-    ours = evaluate(model, tok, task, policy, samples, delay=delay, chunk_size=128, progress=False)
-    full_score = statistics.fmean(r["score"] for r in full)
-    our_score = statistics.fmean(r["score"] for r in ours)
-    our_cache = statistics.fmean(r["cache_fraction"] for r in ours)
-    assert full_score > 0.5, "Full must solve this passkey set, or the comparison says nothing"
-    assert our_score >= full_score
-    assert our_cache < 0.99 * statistics.fmean(r["cache_fraction"] for r in full)
+    runs = {name: evaluate(model, tok, task, p, samples, delay=delay, chunk_size=delay, progress=False)
+            for name, p in (("full", Full()), ("namm", policy), ("streaming", StreamingLLM(budget=0.5)))}
+    score = {name: statistics.fmean(r["score"] for r in rs) for name, rs in runs.items()}
+    cache = {name: statistics.fmean(r["cache_fraction"] for r in rs) for name, rs in runs.items()}
+    assert score["full"] > 0.5, "Full must solve this passkey set, or the comparison says nothing"
+    assert cache["namm"] <= 0.55 and abs(cache["namm"] - cache["streaming"]) < 0.01
+    assert score["namm"] >= score["streaming"]

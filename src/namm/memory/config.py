@@ -13,10 +13,12 @@ SELECTION_MODES = ("per_layer", "per_head")
 SPECTRAL_NORMS = ("global", "per_head")
 #: Fields added after the first checkpoint format: a checkpoint without them takes their defaults.
 OPTIONAL_FIELDS = frozenset({"budget", "depth_knots", "spectral_norm", "key_norm_feature", "bam_window",
-                             "query_entropy_feature", "key_novelty_feature", "reconstruction_feature"})
+                             "query_entropy_feature", "key_novelty_feature", "reconstruction_feature",
+                             "head_sharing"})
 #: Options shown by ``repr`` and written by ``to_dict`` only when set, so that adding them left every existing
 #: policy fingerprint (and the harness records keyed by it) and checkpoint file unchanged.
-REPR_WHEN_SET = frozenset({"bam_window", "query_entropy_feature", "key_novelty_feature", "reconstruction_feature"})
+REPR_WHEN_SET = frozenset({"bam_window", "query_entropy_feature", "key_novelty_feature", "reconstruction_feature",
+                           "head_sharing"})
 
 
 @dataclass
@@ -66,9 +68,12 @@ class NAMMConfig:
             the previous context" + the tokens since the previous step through the cache and takes them out again
             (:class:`~namm.policies.base.Probe`); each new token's feature is the log of the most attention any
             reconstruction query gives it (normalised over the sinks, its chunk and the probe), computed once and
-            kept, standardised per head and step. Still an attention-derived scalar, so the memory stays
-            model-agnostic; it costs one extra forward pass over the context (``probe_seconds``). A deviation
-            from the reference, off by default (docs/namm.md).
+            kept; not standardised, so that it compares across heads and steps as KVzip's score does. Still an
+            attention-derived scalar, so the memory stays model-agnostic; it costs one extra forward pass over the
+            context (``probe_seconds``). A deviation from the reference, off by default (docs/namm.md).
+        head_sharing: budgeted mode only: each layer keeps ``budget x H`` tokens, its highest scores over all its
+            KV heads together (AdaKV's and KVzip's rule), instead of ``budget`` per head; heads then hold different
+            numbers of tokens. Off by default (docs/namm.md has the measurement that made the shipped memory use it).
     """
 
     n_fft: int = 32
@@ -92,6 +97,7 @@ class NAMMConfig:
     query_entropy_feature: bool = False
     key_novelty_feature: bool = False
     reconstruction_feature: bool = False
+    head_sharing: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -137,7 +143,7 @@ class NAMMConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise NammError(f"NAMMConfig.{name} must be a finite number, got {v!r}.")
         for name in ("bam_bias", "always_keep_newest", "key_norm_feature", "query_entropy_feature",
-                     "key_novelty_feature", "reconstruction_feature"):
+                     "key_novelty_feature", "reconstruction_feature", "head_sharing"):
             if not isinstance(getattr(self, name), bool):
                 raise NammError(f"NAMMConfig.{name} must be true or false, got {getattr(self, name)!r}.")
         if self.n_fft < 2 or self.n_fft % 2:
@@ -167,6 +173,8 @@ class NAMMConfig:
         if self.depth_knots < 0:
             raise NammError(f"NAMMConfig.depth_knots must be >= 0, got {self.depth_knots}.")
         check_budget(self.budget, "NAMMConfig.budget")
+        if self.head_sharing and self.budget is None:
+            raise NammError("NAMMConfig.head_sharing needs the budgeted mode: set NAMMConfig.budget too.")
         if self.depth_knots and self.budget is None:
             raise NammError("NAMMConfig.depth_knots needs the budgeted mode: set NAMMConfig.budget too.")
         if self.delay < self.hop or self.delay % self.hop:

@@ -388,7 +388,7 @@ def step_features(
         if recon is None or recon.shape != (b, h, t):
             raise NammError("reconstruction_feature needs the step's reconstruction attention in step.state "
                             f"[{RECONSTRUCTION_KEY!r}] as (B, H, T) (the NAMM policy writes it from the probe).")
-        parts.append(standardise_per_head(torch.log(recon.float() + LOG_FLOOR).unsqueeze(-1), valid))
+        parts.append((torch.log(recon.float() + LOG_FLOOR) * valid).unsqueeze(-1))  # raw: compares across heads
     features = torch.cat(parts, dim=-1)
     return features.masked_fill(~keep, 0.0), new_ema, new_carry
 

@@ -40,7 +40,7 @@ from namm.policies import register_policy
 from namm.policies.allocation import HeadAllocation
 from namm.policies.base import ALL_QUERIES, MemoryStep, Policy, StepRequest, budget_tokens, exceeds, head_tokens
 from namm.policies.peers import reconstruction_ids, reconstruction_scores
-from namm.policies.selection import threshold_keep, top_k_keep
+from namm.policies.selection import head_adaptive_keep, threshold_keep, top_k_keep
 
 #: First tokens that take part in every chunk's reconstruction softmax (KVzip's sinks).
 RECONSTRUCTION_SINKS = 4
@@ -196,8 +196,10 @@ class NAMM(Policy):
         always = newest_mask(step.positions, step.valid) if self.config.always_keep_newest else None
         budget = self.active_budget
         if budget is not None:
-            return top_k_keep(scores.masked_fill(always, float("inf")) if always is not None else scores,
-                              step.valid, self.budget_tokens(step))
+            lifted = scores.masked_fill(always, float("inf")) if always is not None else scores
+            if self.config.head_sharing:
+                return head_adaptive_keep(lifted, step.valid, self.budget_tokens(step))
+            return top_k_keep(lifted, step.valid, self.budget_tokens(step))
         per_layer = self.config.selection == "per_layer"
         return threshold_keep(scores, step.valid, per_layer=per_layer, always=always)
 
@@ -206,7 +208,11 @@ class NAMM(Policy):
         so the budget holds before the answer). Threshold mode keeps its own cadence: False."""
         if self.active_budget is None or self.collect_stats:
             return False
-        return exceeds(step, self.budget_tokens(step))
+        tokens = self.budget_tokens(step)
+        if self.config.head_sharing:  # the layer's total is the budget; its heads may differ
+            total = tokens.sum(-1) if tokens.dim() == 2 else tokens * step.valid.shape[1]
+            return bool((step.valid.sum(dim=(1, 2)) > total).any())
+        return exceeds(step, tokens)
 
     def budget_tokens(self, step: MemoryStep) -> torch.Tensor:
         """``(B,)`` tokens per head of this layer in budgeted mode (its share under the depth allocation), or
