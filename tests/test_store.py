@@ -156,7 +156,7 @@ def test_a_step_carries_the_attention_its_request_asks_for():
 def test_step_requests_are_declared_and_checked():
     assert Policy.request == StepRequest() and not Policy.request.attention
     assert H2O.request.queries == ALL_QUERIES and KVzip.request.probe and not namm.policies.Full.request.evicts
-    assert namm.NAMM.request.stream
+    assert namm.NAMM().request.stream and not namm.NAMM().request.probe
     for bad in (0, -1, "some", True):
         with pytest.raises(NammError, match="queries"):
             StepRequest(queries=bad)
