@@ -395,7 +395,7 @@ def demo(
     from namm.memory import NAMM, bundled_checkpoints  # noqa: PLC0415
 
     shipped = model in bundled_checkpoints()
-    names = "full,streaming,h2o,l2,snapkv,random" + (",namm" if shipped else "")
+    names = "full,streaming,h2o,l2,snapkv,random,kvzip" + (",namm" if shipped else "")
     if delay is None:
         delay = NAMM.from_pretrained(model).config.delay if shipped else DEFAULT_DELAY
     if out is None:  # one directory per model and length, so another --length never meets old records

@@ -231,8 +231,9 @@ def probe_step(model, tokenizer, cache: MemoryCache, history: torch.Tensor, fina
 
     Args:
         model, tokenizer: the model and its tokenizer.
-        cache: the :class:`MemoryCache` (one row), after a forward call.
-        history: ``(1, n_seen)`` ids of every token the cache has seen.
+        cache: the :class:`MemoryCache` after a forward call: one row, or copies of one prompt (a population;
+            the rows then differ only in what their memory steps kept).
+        history: ``(1, n_seen)`` (or ``(B, n_seen)`` identical rows) ids of every token the cache has seen.
         final: run a step in every layer now (:meth:`MemoryCache.compress_now`) rather than the due ones.
 
     Returns:
@@ -242,7 +243,9 @@ def probe_step(model, tokenizer, cache: MemoryCache, history: torch.Tensor, fina
     if start >= end or not (final or cache.steps_due()):
         return 0.0
     t0 = time.perf_counter()
-    ids = cache.policy.probe_ids(tokenizer, history[:, start:end], history[:, :start])
+    # every row has seen the same tokens (one prompt, or copies of it for a population): one probe, every row
+    ids = cache.policy.probe_ids(tokenizer, history[:1, start:end], history[:1, :start])
+    ids = ids.expand(cache.batch_rows, -1)
     with cache.probe(capture=True):
         clear_pending()
         model(input_ids=ids.to(model.device), use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
@@ -345,8 +348,9 @@ def generate(
         input_ids = torch.cat([input_ids, q_ids], dim=1)
         mask = torch.ones_like(input_ids)
     probing = request.probe
-    if probing and (input_ids.shape[0] != 1 or prefill_hook is not None):
-        raise NammError(f"The {policy.describe()} policy needs a single prompt (no batch, no prefill hook).")
+    if probing and input_ids.shape[0] != 1:
+        raise NammError(f"The {policy.describe()} policy needs a single prompt (no batch; copies of one prompt for a "
+                        "population are fine).")
     if answer is not None and input_ids.shape[0] != 1:
         raise NammError("Scoring an answer needs a single prompt (a prefill hook may repeat it, e.g. for a "
                         "population).")
@@ -386,11 +390,11 @@ def generate(
         clear_pending()
         kwargs[cache_kw] = cache
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
-        if probing:
-            seen = input_ids if end <= n else torch.cat([input_ids, torch.stack(generated, dim=1)], dim=1)
-            probe_seconds += probe_step(model, tokenizer, cache, seen[:, :end])
-        if hook is not None:
+        if hook is not None:  # before the probe: a hook that fans the prompt out does it before any step runs
             hook.after_forward(cache, end)
+        if probing:
+            seen = input_ids[:1] if end <= n else torch.cat([input_ids[:1], torch.stack(generated, dim=1)[:1]], dim=1)
+            probe_seconds += probe_step(model, tokenizer, cache, seen[:, :end])
         meter.record(ids.shape[1], end)
         return out.logits[:, -1]
 

@@ -36,15 +36,18 @@ class SharedPrefix:
             raise NammError("Copies of a prompt need a single prompt (and no question).")
         self.shared = min(input_ids.shape[1], cache.delay)  # identical for every row until the first step
         self.fanned_out = False
+        # a probing policy's steps are the engine's to run (after its probe, on every row): leave them held
+        self.engine_runs_steps = cache.policy.request.probe
         cache.hold_steps()
 
     def after_forward(self, cache: MemoryCache, end: int) -> None:
         if self.fanned_out or end < self.shared:
             return
         self.fanned_out = True
-        cache.hold_steps(False)
         cache.batch_repeat_interleave(self.copies)
-        cache.run_due_steps()
+        if not self.engine_runs_steps:
+            cache.hold_steps(False)
+            cache.run_due_steps()
 
 
 def generate_copies(model, tokenizer, prompt: str | torch.Tensor, policy, copies: int, **options) -> GenerationResult:

@@ -223,13 +223,9 @@ def check_recipe(recipe: Recipe) -> None:
         except (NammError, TypeError, ValueError) as e:
             raise NammError(f"recipe field '{where}': {e}") from None
     try:
-        config = NAMMConfig.from_dict({**NAMMConfig().to_dict(), "delay": recipe.delay, **recipe.policy})
+        NAMMConfig.from_dict({**NAMMConfig().to_dict(), "delay": recipe.delay, **recipe.policy})
     except (NammError, TypeError, ValueError) as e:
         raise NammError(f"recipe field 'policy': {e}") from None
-    if config.reconstruction_feature:
-        raise NammError("recipe field 'policy': reconstruction_feature runs a probe before every memory step, which "
-                        "the population evaluator does not run yet; fit such a memory with "
-                        "benchmarks/fit_warm_start.py instead (docs/evolution.md).")
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
