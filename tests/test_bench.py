@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 import namm
 from conftest import random_prompt, tiny_model, word_tokenizer
 from namm.bench import load_suite, render, summarise
-from namm.bench.leaderboard import load_records
+from namm.bench.leaderboard import learned_comparisons, load_records
 from namm.bench.run import group_keys, records_file
 from namm.cli import app
 from namm.errors import NammError
@@ -333,3 +333,33 @@ def test_question_agnostic_suite_compresses_once_after_the_context(llama, tokeni
             assert rec["mean_kept_tokens_after_steps"] == pytest.approx(budget, abs=1)
     res = CliRunner().invoke(app, ["bench", "--suite", "no-such-suite", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "no shipped suite" in res.output and "Traceback" not in res.output
+
+
+def test_the_learned_memory_is_paired_against_every_policy_at_its_budget(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "toy", "baselines": ["streaming"],
+        "tasks": [{"task": "passkey", "lengths": [64], "samples": 12}],
+        "policies": ["full", {"name": "namm", "budgets": [0.5]}, {"name": "streaming", "budgets": [0.5, 0.25]},
+                     {"name": "kvzip", "budgets": [0.5]}],
+    }))
+    suite = load_suite(path)
+    hits = {"full": [1] * 12, "namm@0.5": [1] * 11 + [0], "streaming@0.5": [1] * 6 + [0] * 6,
+            "streaming@0.25": [0] * 12, "kvzip@0.5": [1] * 12}
+    for group in group_keys(suite):
+        for label, row in hits.items():
+            file = records_file(tmp_path, group, label)
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text("".join(json.dumps({
+                "id": str(i), "score": float(h), "answer_nll": 1.0, "cache_fraction": 0.5, "seconds": 1.0,
+                "peak_kv_bytes": 100}) + "\n" for i, h in enumerate(row)))
+    records = load_records(suite, tmp_path)
+    rows, _ = summarise(suite, records)
+    learned = {c.baseline.label: c for c in learned_comparisons(suite, records, rows)}
+    assert set(learned) == {"streaming@0.5", "kvzip@0.5"}  # same budget only, never Full or itself
+    assert learned["streaming@0.5"].paired.difference.estimate == pytest.approx(11 / 12 - 6 / 12)
+    assert learned["streaming@0.5"].paired.difference.excludes(0.0)
+    assert (learned["kvzip@0.5"].paired.wins, learned["kvzip@0.5"].paired.losses) == (0, 1)
+    assert not learned["kvzip@0.5"].paired.difference.excludes(0.0)
+    text = render(suite, tmp_path, tmp_path / "page.md").read_text()
+    assert "The learned memory against every other policy" in text and "| namm@0.5 | 50% | kvzip@0.5 |" in text

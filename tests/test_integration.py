@@ -73,5 +73,5 @@ def test_demo_runs_on_the_bundled_model_and_keeps_each_length_apart(tmp_path, mo
         assert result.exit_code == 0, result.output
         saved = json.loads((tmp_path / f"runs/demo/smollm2-135m-{length}/passkey__results.json").read_text())
         labels = [r["label"] for r in saved["results"]]
-        assert labels[:2] == ["full", "namm"] and len(labels) == 8 and "kvzip" in labels
+        assert labels[:2] == ["full", "namm"] and len(labels) == 8 and "kvzip@namm-steps" in labels
         assert all(r["label"] == "full" or r["budget"] != "100%" for r in saved["results"])

@@ -115,23 +115,34 @@ def _comparisons(suite: Suite, records: dict, rows: list[Row]) -> list[Compariso
         key = "= namm, per step" if row.cell.policy == "namm" and row.cell.budget is None else row.cell.budget_text
         by_budget.setdefault(key, []).append(row)
     out = []
-    full = records.get("full", {})
     for group_rows in by_budget.values():
         baselines = [r for r in group_rows if r.cell.policy in suite.baselines and not math.isnan(r.relative.estimate)]
         if not baselines:
             continue
         best = max(baselines, key=lambda r: r.relative.estimate)
-        for row in group_rows:
-            if row is best:
-                continue
-            triples, n = [], 0
-            for group, ref in full.items():
-                a, b = records[row.cell.label].get(group), records[best.cell.label].get(group)
-                ids = _common(a, b, ref)
-                n += len(ids)
-                if ids:
-                    triples.append(np.array([[a[i]["score"], b[i]["score"], ref[i]["score"]] for i in ids]))
-            out.append(Comparison(row.cell, best.cell, paired_difference(triples, **suite.bootstrap), n))
+        out += [_paired(suite, records, row.cell, best.cell) for row in group_rows if row is not best]
+    return out
+
+
+def _paired(suite: Suite, records: dict, cell: Cell, baseline: Cell) -> Comparison:
+    """``cell`` against ``baseline`` on the samples both (and Full) have, relative to Full."""
+    triples, n = [], 0
+    for group, ref in records.get("full", {}).items():
+        a, b = records[cell.label].get(group), records[baseline.label].get(group)
+        ids = _common(a, b, ref)
+        n += len(ids)
+        if ids:
+            triples.append(np.array([[a[i]["score"], b[i]["score"], ref[i]["score"]] for i in ids]))
+    return Comparison(cell, baseline, paired_difference(triples, **suite.bootstrap), n)
+
+
+def learned_comparisons(suite: Suite, records: dict, rows: list[Row]) -> list[Comparison]:
+    """Every NAMM cell against every other (non-Full, non-NAMM) cell at the same budget, paired."""
+    out = []
+    for mine in (r for r in rows if r.cell.policy == "namm"):
+        for other in rows:
+            if other.cell.policy not in ("namm", "full") and other.cell.budget_text == mine.cell.budget_text:
+                out.append(_paired(suite, records, mine.cell, other.cell))
     return out
 
 
@@ -244,6 +255,16 @@ def render(suite: Suite, out_dir: Path, page: Path | None = None, command: str |
         for c in comparisons:
             bold = "**" if c.paired.difference.excludes(0.0) else ""
             lines.append(f"| {c.cell.policy} | {c.cell.budget_text} | {c.baseline.label} | "
+                         f"{bold}{_interval(c.paired.difference, signed=True)}{bold} | "
+                         f"{c.paired.wins} | {c.paired.ties} | {c.paired.losses} | {c.samples} |")
+    learned = learned_comparisons(suite, records, rows)
+    if learned:
+        lines += ["", "The learned memory against every other policy at the same budget, paired the same way.", "",
+                  f"| policy | budget | against | difference ({level}% CI) | wins | ties | losses | samples |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for c in learned:
+            bold = "**" if c.paired.difference.excludes(0.0) else ""
+            lines.append(f"| {c.cell.label} | {c.cell.budget_text} | {c.baseline.label} | "
                          f"{bold}{_interval(c.paired.difference, signed=True)}{bold} | "
                          f"{c.paired.wins} | {c.paired.ties} | {c.paired.losses} | {c.samples} |")
     lines += ["", "Per group: Full's mean score (x100), the others' relative to it.", "",
