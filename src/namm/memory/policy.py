@@ -238,7 +238,13 @@ class NAMM(Policy):
             f"budget {b:.0%}" if isinstance(b, float) else f"budget {b} tokens") + (
             f", fitted head allocation ({self.head_allocation})" if self.head_allocation is not None else
             f", learned depth allocation ({self.config.depth_knots} knots)" if self.config.depth_knots else "")
-        parts = [f"{self.n_params:,} params", how, self.normaliser.describe()]
+        if b is not None and self.config.head_sharing:
+            how += ", each layer's budget shared by its heads"
+        spectral = ("per-head standardised spectrogram" if self.config.spectral_norm == "per_head"
+                    else self.normaliser.describe())
+        parts = [f"{self.n_params:,} params", how, spectral]
+        if self.config.reconstruction_feature:
+            parts.append("reconstruction-probe feature")
         if self.population is not None:
             parts.append(f"population of {self.population.shape[0]}")
         if self.collect_stats:
