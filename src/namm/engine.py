@@ -393,7 +393,7 @@ def generate(
         if hook is not None:  # before the probe: a hook that fans the prompt out does it before any step runs
             hook.after_forward(cache, end)
         if probing:
-            seen = input_ids[:1] if end <= n else torch.cat([input_ids[:1], torch.stack(generated, dim=1)[:1]], dim=1)
+            seen = input_ids if end <= n else torch.cat([input_ids, torch.stack(generated, dim=1)], dim=1)
             probe_seconds += probe_step(model, tokenizer, cache, seen[:, :end])
         meter.record(ids.shape[1], end)
         return out.logits[:, -1]

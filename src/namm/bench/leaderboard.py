@@ -146,6 +146,15 @@ def learned_comparisons(suite: Suite, records: dict, rows: list[Row]) -> list[Co
     return out
 
 
+def _paired_line(c: Comparison, name: str) -> str:
+    """A row of a paired table: ``name``, budget, the other cell, the difference (bold when its interval excludes
+    0), wins / ties / losses and samples."""
+    bold = "**" if c.paired.difference.excludes(0.0) else ""
+    return (f"| {name} | {c.cell.budget_text} | {c.baseline.label} | "
+            f"{bold}{_interval(c.paired.difference, signed=True)}{bold} | "
+            f"{c.paired.wins} | {c.paired.ties} | {c.paired.losses} | {c.samples} |")
+
+
 def _fmt(x: float, spec: str = ".2f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -252,21 +261,13 @@ def render(suite: Suite, out_dir: Path, page: Path | None = None, command: str |
                   "difference at this level), and per-sample wins / ties / losses.", "",
                   f"| policy | budget | best baseline | difference ({level}% CI) | wins | ties | losses | samples |",
                   "|---|---|---|---|---|---|---|---|"]
-        for c in comparisons:
-            bold = "**" if c.paired.difference.excludes(0.0) else ""
-            lines.append(f"| {c.cell.policy} | {c.cell.budget_text} | {c.baseline.label} | "
-                         f"{bold}{_interval(c.paired.difference, signed=True)}{bold} | "
-                         f"{c.paired.wins} | {c.paired.ties} | {c.paired.losses} | {c.samples} |")
+        lines += [_paired_line(c, c.cell.policy) for c in comparisons]
     learned = learned_comparisons(suite, records, rows)
     if learned:
         lines += ["", "The learned memory against every other policy at the same budget, paired the same way.", "",
                   f"| policy | budget | against | difference ({level}% CI) | wins | ties | losses | samples |",
                   "|---|---|---|---|---|---|---|---|"]
-        for c in learned:
-            bold = "**" if c.paired.difference.excludes(0.0) else ""
-            lines.append(f"| {c.cell.label} | {c.cell.budget_text} | {c.baseline.label} | "
-                         f"{bold}{_interval(c.paired.difference, signed=True)}{bold} | "
-                         f"{c.paired.wins} | {c.paired.ties} | {c.paired.losses} | {c.samples} |")
+        lines += [_paired_line(c, c.cell.label) for c in learned]
     lines += ["", "Per group: Full's mean score (x100), the others' relative to it.", "",
               "| policy | budget | " + " | ".join(groups) + " |", "|---" * (len(groups) + 2) + "|"]
     full_rows = records.get("full", {})

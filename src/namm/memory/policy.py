@@ -208,11 +208,7 @@ class NAMM(Policy):
         so the budget holds before the answer). Threshold mode keeps its own cadence: False."""
         if self.active_budget is None or self.collect_stats:
             return False
-        tokens = self.budget_tokens(step)
-        if self.config.head_sharing:  # the layer's total is the budget; its heads may differ
-            total = tokens.sum(-1) if tokens.dim() == 2 else tokens * step.valid.shape[1]
-            return bool((step.valid.sum(dim=(1, 2)) > total).any())
-        return exceeds(step, tokens)
+        return exceeds(step, self.budget_tokens(step), shared=self.config.head_sharing)
 
     def budget_tokens(self, step: MemoryStep) -> torch.Tensor:
         """``(B,)`` tokens per head of this layer in budgeted mode (its share under the depth allocation), or

@@ -39,6 +39,11 @@ def layer_logits(knots: torch.Tensor, n_layers: int) -> torch.Tensor:
     return kd[..., lo] * (1 - frac) + kd[..., lo + 1] * frac
 
 
+def _check_means(m: torch.Tensor) -> None:
+    if bool(((m <= 0) | (m > 1)).any()):
+        raise NammError(f"A mean budget fraction must lie in (0, 1], got {m.tolist()}.")
+
+
 def water_fill(logits: torch.Tensor, mean_fraction: torch.Tensor) -> torch.Tensor:
     """Fractions of ``N`` units (layers, or heads) whose mean is ``mean_fraction``, shared by softmax of ``logits``.
 
@@ -87,8 +92,7 @@ def allocate(knots: torch.Tensor, mean_fraction: torch.Tensor | float, n_layers:
     m = torch.as_tensor(mean_fraction, dtype=torch.float64).reshape(-1)
     b = max(knots.shape[0], m.shape[0])
     knots, m = knots.expand(b, -1), m.expand(b).clone()
-    if bool(((m <= 0) | (m > 1)).any()):
-        raise NammError(f"A mean budget fraction must lie in (0, 1], got {m.tolist()}.")
+    _check_means(m)
     return water_fill(layer_logits(knots, n_layers), m)
 
 
@@ -138,8 +142,7 @@ def allocate_heads(logits: torch.Tensor, mean_fraction: torch.Tensor | float, fl
     if logits.dim() != 2:
         raise NammError(f"Head allocation logits must be (layers, heads), got shape {tuple(logits.shape)}.")
     m = torch.as_tensor(mean_fraction, dtype=torch.float64).reshape(-1)
-    if bool(((m <= 0) | (m > 1)).any()):
-        raise NammError(f"A mean budget fraction must lie in (0, 1], got {m.tolist()}.")
+    _check_means(m)
     if not 0.0 <= floor < 1.0:
         raise NammError(f"A head allocation's floor must lie in [0, 1), got {floor}.")
     f = m.clamp(max=floor)  # (B,)

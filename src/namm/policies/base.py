@@ -16,7 +16,7 @@ import torch
 
 from namm.errors import NammError
 from namm.policies.allocation import DepthAllocation, HeadAllocation, allocate, allocate_heads
-from namm.policies.selection import top_k_keep
+from namm.policies.selection import layer_total, top_k_keep
 
 #: ``StepRequest.queries`` value asking for every query since the previous memory step.
 ALL_QUERIES: Literal["all"] = "all"
@@ -359,8 +359,11 @@ class BudgetPolicy(Policy):
         return f"{self.name} (budget {b}{where})"
 
 
-def exceeds(step: MemoryStep, tokens: torch.Tensor) -> bool:
-    """Whether some head holds more valid slots than ``tokens`` (``(B,)`` per row or ``(B, H)`` per head)."""
+def exceeds(step: MemoryStep, tokens: torch.Tensor, shared: bool = False) -> bool:
+    """Whether some head holds more valid slots than ``tokens`` (``(B,)`` per row or ``(B, H)`` per head); with
+    ``shared`` (the heads of a layer share its budget), whether some row's layer holds more than its total."""
+    if shared:
+        return bool((step.valid.sum(dim=(1, 2)) > layer_total(tokens, step.valid.shape[1])).any())
     limit = tokens[:, None] if tokens.dim() == 1 else tokens
     return bool((step.valid.sum(dim=-1) > limit).any())
 

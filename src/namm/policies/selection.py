@@ -49,6 +49,12 @@ def threshold_keep(
     return top_k_keep(s, valid, keep.sum(dim=-1).amax(dim=-1))
 
 
+def layer_total(k: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(B,)`` tokens a layer of ``heads`` KV heads keeps in all: ``k x heads`` for ``(B,)`` per-head counts, the
+    sum of ``(B, H)`` per-head counts."""
+    return k.sum(-1) if k.dim() == 2 else k * heads
+
+
 def head_adaptive_keep(
     scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, safeguard: float = 0.0
 ) -> torch.Tensor:
@@ -72,6 +78,5 @@ def head_adaptive_keep(
     if safeguard > 0:
         guaranteed = top_k_keep(s, valid, torch.floor(k.double() * safeguard).long())
         s = s.masked_fill(guaranteed, float("inf"))
-    total = k.sum(-1) if k.dim() == 2 else k * h
-    flat = top_k_keep(s.reshape(b, 1, h * t), valid.reshape(b, 1, h * t), total)
+    flat = top_k_keep(s.reshape(b, 1, h * t), valid.reshape(b, 1, h * t), layer_total(k, h))
     return flat.view(b, h, t)
