@@ -1,6 +1,7 @@
 """A/B of the attention reuse at memory steps: prefill time with ``MemoryCache.reuse_attention`` on and off.
 
-A keep-all NAMM (zero parameters) and H2O prefill the same prompt in chunks equal to the cadence, alternating
+A keep-all NAMM that reads its attention features (``namm_cost.reading_keep_all``: a NAMM with zero parameters
+reads none and asks for no attention) and H2O prefill the same prompt in chunks equal to the cadence, alternating
 reuse on and off; Full (one pass) is timed in the same run for the ratio. Medians, seconds.
 
 Usage: ``python benchmarks/attention_reuse_ab.py --length 4096 --delay 512 --repeats 2``
@@ -13,6 +14,7 @@ import statistics
 import time
 
 import torch
+from namm_cost import reading_keep_all
 
 import namm
 from namm.cache import MemoryCache
@@ -42,7 +44,7 @@ def main() -> None:
         times.setdefault("Full (one pass)", []).append(time.perf_counter() - t0)
         for reuse in (True, False):
             MemoryCache.reuse_attention = reuse
-            for name, policy in (("NAMM keep-all", namm.NAMM()), ("H2O 25%", H2O(budget=0.25))):
+            for name, policy in (("NAMM keep-all", reading_keep_all()), ("H2O 25%", H2O(budget=0.25))):
                 times.setdefault(f"{name}, reuse {'on' if reuse else 'off'}", []).append(
                     prefill(model, tok, prompt, policy, args.delay))
     MemoryCache.reuse_attention = True

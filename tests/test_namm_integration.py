@@ -22,23 +22,51 @@ def cosine_age_params() -> torch.Tensor:
     return v
 
 
+def reading_attention(params: torch.Tensor) -> torch.Tensor:
+    """``params`` with a non-zero ``qkv`` weight on the first spectrogram bin and the output projection left at
+    zero: the same scores, but the NAMM now reads the attention features, so every memory step computes them."""
+    v = params.clone()
+    unflatten(v)["qkv_weight"][8, 0] = 1.0
+    return v
+
+
 def test_zero_params_reproduce_full_cache(llama, tokenizer, monkeypatch):
     prompt = random_prompt(90, seed=5)
     ref = namm.generate(llama, tokenizer, prompt, Full(), max_new_tokens=12, delay=32, return_logits=True)
-    out = namm.generate(llama, tokenizer, prompt, NAMM(), max_new_tokens=12, delay=32, return_logits=True)
-    assert out.token_ids == ref.token_ids
-    assert len(out.stats.steps) > 0
-    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)  # recomputing at every step: bit for bit
+    for policy in (NAMM(), NAMM(params=reading_attention(torch.zeros(param_count())))):
+        out = namm.generate(llama, tokenizer, prompt, policy, max_new_tokens=12, delay=32, return_logits=True)
+        assert out.token_ids == ref.token_ids
+        assert len(out.stats.steps) > 0
+        torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)  # recomputing at every step: bit for bit
     # With the attention reuse on, the chunks that end on a step compute their attention explicitly (float32
     # softmax, P @ V) to hand its weights to the step: the model's outputs up to rounding.
     monkeypatch.setattr(namm.MemoryCache, "reuse_attention", True)
-    out = namm.generate(llama, tokenizer, prompt, NAMM(), max_new_tokens=12, delay=32, return_logits=True)
+    reading = NAMM(params=reading_attention(torch.zeros(param_count())))
+    assert reading.request.queries == ALL_QUERIES
+    out = namm.generate(llama, tokenizer, prompt, reading, max_new_tokens=12, delay=32, return_logits=True)
     assert out.token_ids == ref.token_ids
     torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=1e-5)
 
 
+def test_a_scorer_that_reads_no_attention_feature_skips_the_attention_and_scores_alike(llama, tokenizer):
+    """The recency-only scorer asks for no attention weights and keeps no spectrogram state; the same scorer made
+    to read the attention features (a zero-effect ``qkv`` weight) computes them and evicts exactly alike."""
+    skipping = NAMM(NAMMConfig(selection="per_head"), params=cosine_age_params())
+    computing = NAMM(NAMMConfig(selection="per_head"), params=reading_attention(cosine_age_params()))
+    assert skipping.request.queries is None and not skipping.request.stream
+    assert computing.request.queries == ALL_QUERIES and computing.request.stream
+    prompt = random_prompt(100, seed=9)
+    runs = [namm.generate(llama, tokenizer, prompt, p, max_new_tokens=16, delay=32, return_logits=True)
+            for p in (skipping, computing)]
+    assert runs[0].token_ids == runs[1].token_ids
+    torch.testing.assert_close(runs[0].logits, runs[1].logits, rtol=0, atol=0)
+    kept = [[s["kept"] for s in r.stats.steps] for r in runs]
+    assert kept[0] == kept[1] and len(kept[0]) >= 3
+    assert runs[0].stats.peak_kv_tokens > max(n for s in kept[0] for row in s for n in row)  # it evicted
+
+
 def test_scores_evict_and_state_follows_the_cache(llama, tokenizer):
-    policy = NAMM(NAMMConfig(selection="per_head"), params=cosine_age_params())
+    policy = NAMM(NAMMConfig(selection="per_head"), params=reading_attention(cosine_age_params()))
     cache = namm.MemoryCache(llama, policy, delay=32)
     ids = tokenizer(random_prompt(40, seed=6), return_tensors="pt").input_ids
     llama.generate(ids, max_new_tokens=30, do_sample=False, **with_cache(llama, cache))  # steps at 40 (Q=40), 64

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from namm.errors import NammError
-from namm.memory import NAMM, NAMMConfig, param_count
+from namm.memory import NAMM, NAMMConfig, param_count, unflatten
 from namm.policies.base import ALL_QUERIES, MemoryStep, StepRequest
 from namm.policies.selection import threshold_keep
 
@@ -57,6 +57,14 @@ def random_vector(seed: int, scale: float = 0.3) -> torch.Tensor:
     return torch.randn(param_count(), generator=torch.Generator().manual_seed(seed)) * scale
 
 
+def keep_all_reading_attention() -> torch.Tensor:
+    """Zero scores for every token (keep all), but a non-zero ``qkv`` weight on the first spectrogram bin makes
+    the NAMM read the attention features, so it computes its spectrogram state."""
+    v = torch.zeros(param_count())
+    unflatten(v)["qkv_weight"][8, 0] = 1.0
+    return v
+
+
 # ---------------------------------------------------------------------------- config
 def test_config_defaults_and_json_round_trip():
     cfg = NAMMConfig()
@@ -100,10 +108,11 @@ def test_config_from_dict_refuses_unknown_and_missing_fields():
 # ---------------------------------------------------------------------------- policy basics
 def test_policy_metadata_and_params():
     p = NAMM()
-    assert p.name == "namm" and p.request == StepRequest(queries=ALL_QUERIES, stream=True)
+    assert p.name == "namm" and p.request == StepRequest()  # zero weights read no attention feature
     assert p.get_params().shape == (4172,) and not p.get_params().any()
     v = random_vector(0)
     p.set_params(v)
+    assert p.request == StepRequest(queries=ALL_QUERIES, stream=True)
     torch.testing.assert_close(p.get_params(), v)
     p.get_params().zero_()  # a copy
     torch.testing.assert_close(p.get_params(), v)
@@ -116,7 +125,13 @@ def test_policy_metadata_and_params():
 
 @pytest.mark.parametrize("selection", ["per_layer", "per_head"])
 def test_zero_params_keep_every_valid_token(selection):
-    p = NAMM(NAMMConfig(selection=selection))
+    zero = NAMM(NAMMConfig(selection=selection))
+    step = make_step()
+    scores = zero.score(step)
+    assert (scores[step.valid] == 0).all()
+    assert torch.equal(zero.keep(step, scores), step.valid)
+    assert "namm_ema" not in step.state  # zero weights read no attention feature: no spectrogram state
+    p = NAMM(NAMMConfig(selection=selection), params=keep_all_reading_attention())
     step = make_step()
     scores = p.score(step)
     assert (scores[step.valid] == 0).all()
@@ -126,7 +141,7 @@ def test_zero_params_keep_every_valid_token(selection):
 
 
 def test_state_is_carried_across_steps():
-    p = NAMM()
+    p = NAMM(params=keep_all_reading_attention())
     step = make_step(b=1, h=1, q=32, t=32)
     p.score(step)
     ema = step.state["namm_ema"]

@@ -156,7 +156,9 @@ def test_a_step_carries_the_attention_its_request_asks_for():
 def test_step_requests_are_declared_and_checked():
     assert Policy.request == StepRequest() and not Policy.request.attention
     assert H2O.request.queries == ALL_QUERIES and KVzip.request.probe and not namm.policies.Full.request.evicts
-    assert namm.NAMM().request.stream and not namm.NAMM().request.probe
+    reading = namm.NAMM(params=torch.randn(namm.NAMM().n_params, generator=torch.Generator().manual_seed(0)))
+    assert reading.request.stream and not reading.request.probe
+    assert not namm.NAMM().request.attention  # zero weights read no attention feature
     for bad in (0, -1, "some", True):
         with pytest.raises(NammError, match="queries"):
             StepRequest(queries=bad)

@@ -303,6 +303,16 @@ def streamed_spectrogram_ema(
     return acc.transpose(-1, -2).contiguous(), new_carry
 
 
+def attention_feature_indices(config: NAMMConfig) -> list[int]:
+    """Indices, in a token's feature vector, of the features computed from the step's attention weights: the
+    ``n_spec`` spectrogram bins and the query entropy (the recency code, key norm, key novelty and
+    reconstruction attention need no attention weights)."""
+    spectral = list(range(config.recency_dim, config.recency_dim + config.n_spec))
+    if config.query_entropy_feature:
+        spectral.append(config.recency_dim + config.n_spec + int(config.key_norm_feature))
+    return spectral
+
+
 def step_features(
     step: MemoryStep,
     config: NAMMConfig,
@@ -310,7 +320,8 @@ def step_features(
     ema: torch.Tensor | None = None,
     carry: torch.Tensor | None = None,
     update_stats: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    attention: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Features of every slot of one layer at one memory step.
 
     Args:
@@ -320,6 +331,9 @@ def step_features(
         ema: ``(B, H, T, n_spec)`` stored un-normalised EMA state (``None``: zeros, the first step).
         carry: ``(B, H, T, n_fft - hop)`` last attention values of the previous step (``None``: zeros).
         update_stats: merge the new EMA state of the valid slots into ``normaliser`` before normalising.
+        attention: False when no scorer reads the attention features (:func:`attention_feature_indices`): they
+            are then zeros, the step needs no attention weights and the EMA state and carry are not computed
+            (returned as ``None``; the caller keeps no spectrogram state).
 
     With ``config.query_entropy_feature``, the per-token query entropy lives in ``step.state`` under
     :data:`QUERY_ENTROPY_KEY` (``(B, H, T, 1)``): the step's own tokens (its last ``Q`` slots) get the entropy of
@@ -330,6 +344,10 @@ def step_features(
         ``features`` ``(B, H, T, config.feature_dim)`` float32 (zero for invalid slots),
         ``new_ema`` ``(B, H, T, n_spec)`` and ``new_carry`` ``(B, H, T, n_fft - hop)`` (zero for invalid slots).
     """
+    if not attention:
+        if update_stats:
+            raise NammError("Collecting NAMM statistics needs the attention features (attention=True).")
+        return _features(step, config, None, None), None, None
     if (step.attention is None and step.attention_stream is None) or step.query_positions is None:
         raise NammError("NAMM needs the attention of every query since the previous memory step (queries='all').")
     qpos, pos, valid = step.query_positions.to(step.positions.device), step.positions, step.valid
@@ -368,19 +386,33 @@ def step_features(
     new_carry = new_carry.masked_fill(~keep, 0.0)
     if update_stats:
         normaliser.update(new_ema, valid)
-
-    newest = newest_position(pos, valid)
-    age = torch.where(valid, newest - pos, 0).clamp(min=0) + config.recency_offset
     if config.spectral_norm == "per_head":
         spectral = standardise_per_head(torch.log(new_ema + LOG_FLOOR), valid)
     else:
         spectral = normaliser.normalise(new_ema)
-    parts = [_recency_lookup(age, config.recency_dim, config.recency_max_freq), spectral]
+    entropy_feature = standardise_per_head(_query_entropy_state(step, entropy), valid) if (
+        config.query_entropy_feature) else None
+    return _features(step, config, spectral, entropy_feature), new_ema, new_carry
+
+
+def _features(
+    step: MemoryStep, config: NAMMConfig, spectral: torch.Tensor | None, entropy: torch.Tensor | None
+) -> torch.Tensor:
+    """``(B, H, T, feature_dim)`` features from the attention features (``(B, H, T, n_spec)`` spectral part and
+    ``(B, H, T, 1)`` query entropy; ``None``: zeros) and the ones read from the step itself."""
+    pos, valid = step.positions, step.valid
+    b, h, t = pos.shape
+    keep = valid.unsqueeze(-1)
+    newest = newest_position(pos, valid)
+    age = torch.where(valid, newest - pos, 0).clamp(min=0) + config.recency_offset
+    zeros = functools.partial(torch.zeros, b, h, t, dtype=torch.float32, device=pos.device)
+    parts = [_recency_lookup(age, config.recency_dim, config.recency_max_freq),
+             zeros(config.n_spec) if spectral is None else spectral]
     if config.key_norm_feature:
         norms = torch.log(step.keys.float().norm(dim=-1) + LOG_FLOOR)  # (B, H, T)
         parts.append(standardise_per_head(norms.unsqueeze(-1), valid))
     if config.query_entropy_feature:
-        parts.append(standardise_per_head(_query_entropy_state(step, entropy), valid))
+        parts.append(zeros(1) if entropy is None else entropy)
     if config.key_novelty_feature:
         parts.append(standardise_per_head(key_novelty(step.keys, valid).unsqueeze(-1), valid))
     if config.reconstruction_feature:
@@ -389,8 +421,7 @@ def step_features(
             raise NammError("reconstruction_feature needs the step's reconstruction attention in step.state "
                             f"[{RECONSTRUCTION_KEY!r}] as (B, H, T) (the NAMM policy writes it from the probe).")
         parts.append((torch.log(recon.float() + LOG_FLOOR) * valid).unsqueeze(-1))  # raw: compares across heads
-    features = torch.cat(parts, dim=-1)
-    return features.masked_fill(~keep, 0.0), new_ema, new_carry
+    return torch.cat(parts, dim=-1).masked_fill(~keep, 0.0)
 
 
 def _query_entropy_state(step: MemoryStep, entropy: torch.Tensor | None) -> torch.Tensor:
@@ -440,6 +471,7 @@ __all__ = [
     "QUERY_ENTROPY_KEY",
     "RECONSTRUCTION_KEY",
     "FeatureNormaliser",
+    "attention_feature_indices",
     "dft_basis",
     "hann_window",
     "key_novelty",

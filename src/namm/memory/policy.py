@@ -26,13 +26,14 @@ from safetensors.torch import load_file, save
 
 from namm.atomic import atomic_write_bytes, atomic_write_text
 from namm.errors import NammError
-from namm.memory.bam import bam_scores, param_count
+from namm.memory.bam import bam_scores, param_count, unflatten
 from namm.memory.config import NAMMConfig, check_budget
 from namm.memory.features import (
     CARRY_KEY,
     EMA_KEY,
     RECONSTRUCTION_KEY,
     FeatureNormaliser,
+    attention_feature_indices,
     newest_position,
     step_features,
 )
@@ -106,11 +107,37 @@ class NAMM(Policy):
         self.params = torch.zeros(n) if self.params is None else _as_vector(self.params, n, "NAMM parameters")
         self.normaliser = FeatureNormaliser(self.config.n_spec, self.config.norm_eps)
         self.population: torch.Tensor | None = None
+        self._request: tuple[tuple, StepRequest] | None = None
 
     @property
     def request(self) -> StepRequest:  # type: ignore[override]
-        """Every query's attention, streamed; with ``reconstruction_feature`` also KVzip's reconstruction probe."""
-        return StepRequest(queries=ALL_QUERIES, stream=True, probe=self.config.reconstruction_feature)
+        """Every query's attention, streamed, when the scorer reads an attention feature (:meth:`reads_attention`);
+        with ``reconstruction_feature`` also KVzip's reconstruction probe. Cached per parameter tensor (replace
+        the parameters with :meth:`set_params` / :meth:`set_population`, not in place)."""
+        key = (self.params, self.population, self.collect_stats)
+        if self._request is None or any(a is not b for a, b in zip(self._request[0], key, strict=True)):
+            attention = self.reads_attention()
+            self._request = key, StepRequest(queries=ALL_QUERIES if attention else None, stream=attention,
+                                             probe=self.config.reconstruction_feature)
+        return self._request[1]
+
+    def reads_attention(self) -> bool:
+        """Whether the scores depend on the attention features (spectrogram, query entropy) for some parameter row.
+
+        A feature is read when its weight in the linear head or in the BAM's ``qkv`` projection is non-zero:
+        with both zero it reaches no score (``h = z (1 + m) + r`` meets the head weight only). When no row reads
+        one, memory steps skip the attention weights and the spectrogram entirely (the scores are unchanged); in
+        statistics-collection mode the features are always computed.
+        """
+        if self.collect_stats:
+            return True
+        params = self.population if self.population is not None else self.params
+        w = unflatten(params, self.config)
+        d = self.config.feature_dim
+        head = w["head_weight"].reshape(-1, d)  # (rows, d)
+        qkv = w["qkv_weight"].reshape(-1, d, w["qkv_weight"].shape[-1])  # (rows, d, 3 hidden)
+        used = (head != 0) | (qkv != 0).any(-1)
+        return bool(used[:, attention_feature_indices(self.config)].any())
 
     def probe_ids(self, tokenizer, chunk: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
         """KVzip's "repeat the previous context" prompt + the chunk (``reconstruction_feature`` only)."""
@@ -177,6 +204,7 @@ class NAMM(Policy):
             params = self.population
         if self.config.reconstruction_feature:
             reconstruction_scores(step, RECONSTRUCTION_SINKS, RECONSTRUCTION_KEY, "A NAMM with reconstruction_feature")
+        attention = self.request.attention
         features, ema, carry = step_features(
             step,
             self.config,
@@ -184,9 +212,11 @@ class NAMM(Policy):
             step.state.get(EMA_KEY),
             step.state.get(CARRY_KEY),
             update_stats=self.collect_stats,
+            attention=attention,
         )
-        step.state[EMA_KEY] = ema
-        step.state[CARRY_KEY] = carry
+        if attention:
+            step.state[EMA_KEY] = ema
+            step.state[CARRY_KEY] = carry
         return bam_scores(features, step.valid, params, self.config, step.positions)
 
     def keep(self, step: MemoryStep, scores: torch.Tensor) -> torch.Tensor:
