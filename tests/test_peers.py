@@ -58,6 +58,19 @@ def test_adakv_keeps_the_layers_top_snapkv_scores_over_all_heads(safeguard):
             assert scores[b][rest].min() >= scores[b][~keep[b]].max()  # beyond the safeguard: the top scores
 
 
+def test_shared_budgets_ask_for_an_extra_step_only_when_the_layer_total_is_over():
+    """AdaKV and layer-wise KVzip share a layer's budget between its heads: a head above its even share is no
+    reason for a step at the end of the prompt, the layer's total above ``budget x H`` is; per-head policies
+    still check every head."""
+    step = _step(b=1, h=3, t=20, q=4)
+    step.valid[:, 1:, 12:] = False  # heads hold 20, 12, 12: 44 in all
+    for budget, shared_over in ((15, False), (14, True)):  # totals 45 and 42
+        assert AdaKV(budget=budget).over_budget(step) is shared_over
+        assert KVzip(budget=budget).over_budget(step) is shared_over
+        assert KVzip(budget=budget, per_head=True).over_budget(step) is True  # head 0 holds 20 > budget
+        assert SnapKV(budget=budget).over_budget(step) is True
+
+
 def test_head_adaptive_keep_never_exceeds_valid_slots():
     scores = torch.tensor([[[5.0, 4.0, 3.0, 2.0], [1.0, 0.5, 0.2, 0.1]]])
     valid = torch.tensor([[[True, True, False, False], [True, True, True, True]]])

@@ -337,12 +337,17 @@ class BudgetPolicy(Policy):
                 "tokens), so nothing would ever be evicted. Use a smaller budget, a fraction, or the Full policy."
             )
 
+    #: Whether a layer's heads share its budget (``budget x H`` tokens over all heads, kept by score): the
+    #: over-budget check then compares the layer's total, not each head.
+    shares_heads: ClassVar[bool] = False
+
     def over_budget(self, step: MemoryStep) -> bool:
-        """True when some head holds more than its budget. A :class:`BudgetSchedule` sizes the steps of the
-        cadence it was matched to (another policy's steps), so it never asks for an extra step."""
+        """True when some head holds more than its budget (some layer, for a policy whose heads share it). A
+        :class:`BudgetSchedule` sizes the steps of the cadence it was matched to (another policy's steps), so it
+        never asks for an extra step."""
         if isinstance(self.budget, BudgetSchedule):
             return False
-        return exceeds(step, self.budget_tokens(step))
+        return exceeds(step, self.budget_tokens(step), shared=self.shares_heads)
 
     def keep(self, step: MemoryStep, scores: torch.Tensor) -> torch.Tensor:
         return top_k_keep(scores, step.valid, self.budget_tokens(step))

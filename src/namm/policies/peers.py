@@ -62,6 +62,7 @@ class AdaKV(SnapKV):
     """
 
     name = "adakv"
+    shares_heads = True
     safeguard: float = 0.2
 
     def __post_init__(self) -> None:
@@ -189,6 +190,10 @@ class KVzip(BudgetPolicy):
         is_sink = step.valid & (step.positions - _first_real(step) < self.sinks)
         scores = reconstruction_scores(step, self.sinks, "kvzip", type(self).__name__)
         return protect(scores, is_sink)
+
+    @property
+    def shares_heads(self) -> bool:  # type: ignore[override]
+        return not self.per_head
 
     def keep(self, step: MemoryStep, scores: torch.Tensor) -> torch.Tensor:
         if self.per_head:
