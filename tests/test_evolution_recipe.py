@@ -50,6 +50,29 @@ def test_defaults():
     assert (r.population, r.samples_per_task, r.sigma0, r.seed) == (32, 64, 0.065, 0)
     assert (r.delay, r.chunk_size, r.cache_weight, r.members_per_batch) == (512, 128, 0.0, 1)
     assert r.backend == "local" and not r.diagonal and r.validation is None and r.policy == {}
+    assert (r.device, r.dtype) == ("cpu", "float32")
+
+
+def test_device_and_dtype_pass_through_and_a_missing_gpu_is_one_line(monkeypatch):
+    import torch
+
+    from namm.evolution.recipe import check_recipe, recipe_device
+
+    base = {**GOOD, "backend": "local", "policy": {}, "validation": None,
+            "stages": [{"name": "one", "generations": 1, "tasks": ["passkey"]}]}
+    r = Recipe.from_dict({**base, "device": "cuda:1", "dtype": "bfloat16"})
+    assert (r.device, r.dtype) == ("cuda:1", "bfloat16") and Recipe.from_dict(r.to_dict()) == r
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert recipe_device(Recipe.from_dict({**base, "device": "auto"})) == "cpu"
+    with pytest.raises(NammError, match="'device': 'cuda:1', but torch sees no CUDA device"):
+        check_recipe(r)  # before any run directory exists
+    check_recipe(Recipe.from_dict({**base, "device": "cuda", "backend": "ray"}))  # Ray's workers may have GPUs
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert recipe_device(Recipe.from_dict({**base, "device": "auto"})) == "cuda"
+    assert recipe_device(Recipe.from_dict({**base, "device": "cuda:0"})) == "cuda:0"
+    with pytest.raises(NammError, match="sees 1 CUDA device"):
+        recipe_device(r)
 
 
 def test_task_key_roundtrip():
@@ -103,6 +126,9 @@ def _with(path: str, value):
         ("validation.every", 0, "'validation.every'"),
         ("validation.seed", 4, "'validation.seed'"),
         ("validation.tasks", [], "'validation.tasks'"),
+        ("device", "gpu", "'device'"),
+        ("device", "cuda:x", "'device'"),
+        ("dtype", "int8", "'dtype'"),
     ],
 )
 def test_bad_recipes_name_the_field(path, value, message):

@@ -42,7 +42,7 @@ from namm.atomic import atomic_fill_dir, atomic_write_json
 from namm.errors import NammError
 from namm.evolution.evaluator import EvalResult
 from namm.evolution.population import generate_copies
-from namm.evolution.recipe import Recipe, TaskSpec
+from namm.evolution.recipe import Recipe, TaskSpec, recipe_device
 from namm.evolution.subspace import Subspace
 from namm.memory import NAMM, NAMMConfig
 from namm.policies import Full
@@ -113,7 +113,7 @@ class LMEvaluator:
         self.recipe = recipe
         self.run_dir = Path(run_dir)
         if model is None:
-            model, tokenizer = load_model(recipe.model)
+            model, tokenizer = load_model(recipe.model, dtype=recipe.dtype, device=recipe_device(recipe))
         self.model, self.tokenizer = model, tokenizer
         self.policy = recipe_namm(recipe, self.run_dir)
         self.subspace = recipe_subspace(recipe, self.policy)

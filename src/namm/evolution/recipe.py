@@ -18,6 +18,8 @@ Example::
                                   # its soft greedy prefix from per-token logit margins (aligned with decoding)
     search: {groups: [head_weight, depth_logits], start: {head_weight: [...]}}   # optional subspace
     csa: false                    # true: cumulative step-size adaptation (the reference's) at any dimension
+    device: cpu                   # torch device of the model ("cuda", "cuda:1", "mps"; "auto": cuda when present)
+    dtype: float32                # model dtype (float32, bfloat16, float16)
     backend: local                # or "ray"
     ray: {address: null, num_workers: 2, num_cpus_per_worker: 1, num_gpus_per_worker: 0}
     stages:
@@ -40,6 +42,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,8 @@ from namm.errors import NammError
 
 BACKENDS = ("local", "ray")
 METRICS = ("task", "likelihood", "margin")
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICE = re.compile(r"cpu|auto|mps|cuda(:\d+)?")
 #: the smallest population pycma's CMA-ES accepts (2 fails inside pycma)
 MIN_POPULATION = 3
 
@@ -126,6 +131,8 @@ class Recipe:
     metric: str = "task"
     search: dict[str, Any] = field(default_factory=dict)
     csa: bool = False
+    device: str = "cpu"
+    dtype: str = "float32"
 
     @property
     def total_generations(self) -> int:
@@ -173,8 +180,14 @@ class Recipe:
             metric=f.text("metric", "task"),
             search=f.json_dict("search"),
             csa=f.flag("csa", False),
+            device=f.text("device", "cpu"),
+            dtype=f.text("dtype", "float32"),
         )
         f.finish()
+        if recipe.dtype not in DTYPES:
+            raise NammError(f"recipe field 'dtype': must be one of {list(DTYPES)}, got {recipe.dtype!r}.")
+        if not DEVICE.fullmatch(recipe.device):
+            raise NammError(f"recipe field 'device': must be cpu, cuda, cuda:N, mps or auto, got {recipe.device!r}.")
         if recipe.metric not in METRICS:
             raise NammError(f"recipe field 'metric': must be one of {list(METRICS)}, got {recipe.metric!r}.")
         unknown = sorted(set(recipe.search) - {"groups", "start"})
@@ -203,6 +216,24 @@ class Recipe:
         return recipe
 
 
+def recipe_device(recipe: Recipe) -> str:
+    """The torch device the recipe's model runs on (``auto``: ``cuda`` when torch sees a GPU, else ``cpu``); a
+    one-line error when it asks for a GPU that torch does not see."""
+    import torch  # noqa: PLC0415 - the recipe itself does not need torch
+
+    if recipe.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if recipe.device.startswith("cuda"):
+        index = int(recipe.device.partition(":")[2] or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise NammError(f"recipe field 'device': {recipe.device!r}, but torch sees "
+                            f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA device(s) here; "
+                            "use device: cpu (or auto).")
+    if recipe.device == "mps" and not torch.backends.mps.is_available():
+        raise NammError("recipe field 'device': 'mps', but torch sees no Apple GPU here; use device: cpu (or auto).")
+    return recipe.device
+
+
 def check_recipe(recipe: Recipe) -> None:
     """Check what :meth:`Recipe.from_dict` cannot without the task registry and the NAMM: every task name and
     its options, and the ``policy`` overrides. Run it before a run directory is created (``namm evolve``
@@ -226,6 +257,8 @@ def check_recipe(recipe: Recipe) -> None:
         NAMMConfig.from_dict({**NAMMConfig().to_dict(), "delay": recipe.delay, **recipe.policy})
     except (NammError, TypeError, ValueError) as e:
         raise NammError(f"recipe field 'policy': {e}") from None
+    if recipe.backend == "local":  # Ray's workers may have GPUs that this process does not see
+        recipe_device(recipe)
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
