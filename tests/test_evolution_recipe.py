@@ -186,3 +186,18 @@ def test_check_recipe_knows_the_tasks_and_the_namm():
         check_recipe(Recipe.from_dict(bad_option))
     with pytest.raises(NammError, match="recipe field 'policy': Unknown NAMM config field"):
         check_recipe(Recipe.from_dict({**ok, "policy": {"hidden": 32}}))
+
+
+def test_every_bundled_recipe_parses_and_checks():
+    from pathlib import Path
+
+    import namm
+    from namm.evolution.recipe import check_recipe
+
+    folder = Path(namm.__file__).parent / "recipes"
+    recipes = sorted(folder.glob("*.yaml"))
+    assert len(recipes) >= 7
+    for path in recipes:
+        recipe = load_recipe(path)
+        if recipe.backend == "local" and recipe.device in ("cpu", "auto"):
+            check_recipe(recipe)
