@@ -1,7 +1,8 @@
 """Cost of the shipped reconstruction memory against KVzip and Full, measured in one run on the same prompts.
 
-The shipped NAMM ranks tokens as KVzip does (docs/evolution.md, "third design") but still computes the NAMM's
-forward-attention features (the attention recompute, the spectrogram, the key norm) whose weights are zero. This
+The shipped NAMM ranks tokens as KVzip does (docs/evolution.md, "third design"). Until session 9 it also
+computed the NAMM's forward-attention features (the attention recompute, the spectrogram) whose weights are zero;
+since then a NAMM skips the attention features that no weight reads (``NAMM.reads_attention``). This
 script runs Full, KVzip and the shipped NAMM alternately on the same passkey prompts (seed 4243, used by nothing
 else) and prints median seconds per sample: total, of which the probe, and the memory steps, and the ratio to Full.
 
