@@ -181,3 +181,56 @@ def test_head_sharing_keeps_the_layers_total_with_its_top_scores_over_all_heads(
         assert bool((keep[row].flatten() == (lifted[row] >= threshold)).all())
     with pytest.raises(NammError, match="head_sharing needs"):
         NAMMConfig(head_sharing=True)
+
+
+def test_head_cap_bounds_every_head_and_keeps_the_layers_total():
+    cfg = budget_config(head_sharing=True, head_cap=1.2, spectral_norm="per_head", key_norm_feature=True)
+    policy = NAMM(cfg, params=torch.randn(param_count(cfg), generator=torch.Generator().manual_seed(4)))
+    step = _step(0, 2)
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(2, 3, 40, generator=g)
+    scores[:, 0] += 10.0  # head 0 outranks the others everywhere: uncapped, it would keep all 40
+    uncapped = NAMM(budget_config(head_sharing=True, spectral_norm="per_head", key_norm_feature=True),
+                    params=policy.params)
+    assert uncapped.keep(step, scores)[:, 0].sum(-1).tolist() == [40, 40]
+    keep = policy.keep(step, scores)
+    counts = keep.sum(-1)
+    assert counts.sum(-1).tolist() == [60, 60]  # the layer's total is unchanged
+    assert counts[:, 0].tolist() == [24, 24]  # ceil(1.2 x 20)
+    newest = step.positions == step.positions.amax(-1, keepdim=True)
+    lifted = scores.masked_fill(newest, float("inf"))
+    for row in range(2):
+        eligible = torch.zeros(3, 40, dtype=torch.bool)
+        for h in range(3):
+            eligible[h, lifted[row, h].topk(24).indices] = True
+        pool = lifted[row].masked_fill(~eligible, float("-inf")).flatten()
+        assert set(torch.nonzero(keep[row].flatten()).flatten().tolist()) == set(pool.topk(60).indices.tolist())
+    assert "head_cap" not in repr(budget_config(head_sharing=True)) and "head_cap=1.2" in repr(cfg)
+    for bad, match in ((0.5, "head_cap must be 0"), (True, "head_cap must be 0"), (float("inf"), "head_cap must")):
+        with pytest.raises(NammError, match=match):
+            budget_config(head_sharing=True, head_cap=bad)
+    with pytest.raises(NammError, match="set NAMMConfig.head_sharing"):
+        budget_config(head_cap=1.5)
+
+
+def test_head_cap_holds_at_every_step_in_the_runtime(tokenizer):
+    model = tiny_model("llama")
+    # The tiny model's two heads share budgets nearly evenly (e.g. 22 / 26 of 48), so the test uses the tightest cap,
+    # 1: then every head keeps exactly the mean.
+    cfg = budget_config(head_sharing=True, head_cap=1.0, spectral_norm="per_head", key_norm_feature=True)
+    policy = NAMM(cfg, params=torch.randn(param_count(cfg), generator=torch.Generator().manual_seed(2)) * 3)
+    uncapped = NAMM(budget_config(head_sharing=True, spectral_norm="per_head", key_norm_feature=True),
+                    params=policy.params)
+
+    def over_cap(p: NAMM) -> list[bool]:
+        out = namm.generate(model, tokenizer, random_prompt(120, seed=3), p, max_new_tokens=4, delay=16)
+        assert len(out.stats.steps) >= 5
+        flags = []
+        for step in out.stats.steps:
+            kept = torch.tensor(step["kept"], dtype=torch.float64)  # (B, H)
+            mean = kept.sum(-1, keepdim=True) / kept.shape[-1]
+            flags.append(bool((kept > torch.ceil(mean * cfg.head_cap)).any()))
+        return flags
+
+    assert not any(over_cap(policy))
+    assert any(over_cap(uncapped))  # the cap binds on this prompt

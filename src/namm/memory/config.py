@@ -14,11 +14,11 @@ SPECTRAL_NORMS = ("global", "per_head")
 #: Fields added after the first checkpoint format: a checkpoint without them takes their defaults.
 OPTIONAL_FIELDS = frozenset({"budget", "depth_knots", "spectral_norm", "key_norm_feature", "bam_window",
                              "query_entropy_feature", "key_novelty_feature", "reconstruction_feature",
-                             "head_sharing"})
+                             "head_sharing", "head_cap"})
 #: Options shown by ``repr`` and written by ``to_dict`` only when set, so that adding them left every existing
 #: policy fingerprint (and the harness records keyed by it) and checkpoint file unchanged.
 REPR_WHEN_SET = frozenset({"bam_window", "query_entropy_feature", "key_novelty_feature", "reconstruction_feature",
-                           "head_sharing"})
+                           "head_sharing", "head_cap"})
 
 
 @dataclass
@@ -74,6 +74,9 @@ class NAMMConfig:
         head_sharing: budgeted mode only: each layer keeps ``budget x H`` tokens, its highest scores over all its
             KV heads together (AdaKV's and KVzip's rule), instead of ``budget`` per head; heads then hold different
             numbers of tokens. Off by default (docs/namm.md has the measurement that made the shipped memory use it).
+        head_cap: with ``head_sharing``: no head keeps more than ``ceil(head_cap x budget)`` tokens (0: no cap; else
+            >= 1, so the layer's total still fits). The cache stores a layer padded to its longest head, so the cap
+            bounds the storage a shared budget really saves (``peak_kv_bytes``). Off by default.
     """
 
     n_fft: int = 32
@@ -98,6 +101,7 @@ class NAMMConfig:
     key_novelty_feature: bool = False
     reconstruction_feature: bool = False
     head_sharing: bool = False
+    head_cap: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -173,6 +177,12 @@ class NAMMConfig:
         if self.depth_knots < 0:
             raise NammError(f"NAMMConfig.depth_knots must be >= 0, got {self.depth_knots}.")
         check_budget(self.budget, "NAMMConfig.budget")
+        cap = self.head_cap
+        number = not isinstance(cap, bool) and isinstance(cap, (int, float)) and math.isfinite(cap)
+        if not number or (cap != 0 and cap < 1):
+            raise NammError(f"NAMMConfig.head_cap must be 0 (no cap) or a number >= 1, got {cap!r}.")
+        if cap and not self.head_sharing:
+            raise NammError("NAMMConfig.head_cap caps the heads of a shared budget: set NAMMConfig.head_sharing too.")
         if self.head_sharing and self.budget is None:
             raise NammError("NAMMConfig.head_sharing needs the budgeted mode: set NAMMConfig.budget too.")
         if self.depth_knots and self.budget is None:

@@ -41,7 +41,7 @@ from namm.policies import register_policy
 from namm.policies.allocation import HeadAllocation
 from namm.policies.base import ALL_QUERIES, MemoryStep, Policy, StepRequest, budget_tokens, exceeds, head_tokens
 from namm.policies.peers import reconstruction_ids, reconstruction_scores
-from namm.policies.selection import head_adaptive_keep, threshold_keep, top_k_keep
+from namm.policies.selection import head_adaptive_keep, head_cap_tokens, threshold_keep, top_k_keep
 
 #: First tokens that take part in every chunk's reconstruction softmax (KVzip's sinks).
 RECONSTRUCTION_SINKS = 4
@@ -228,7 +228,7 @@ class NAMM(Policy):
         if budget is not None:
             lifted = scores.masked_fill(always, float("inf")) if always is not None else scores
             if self.config.head_sharing:
-                return head_adaptive_keep(lifted, step.valid, self.budget_tokens(step))
+                return head_adaptive_keep(lifted, step.valid, self.budget_tokens(step), cap=self.config.head_cap)
             return top_k_keep(lifted, step.valid, self.budget_tokens(step))
         per_layer = self.config.selection == "per_layer"
         return threshold_keep(scores, step.valid, per_layer=per_layer, always=always)
@@ -238,7 +238,10 @@ class NAMM(Policy):
         so the budget holds before the answer). Threshold mode keeps its own cadence: False."""
         if self.active_budget is None or self.collect_stats:
             return False
-        return exceeds(step, self.budget_tokens(step), shared=self.config.head_sharing)
+        tokens = self.budget_tokens(step)
+        cap = self.config.head_cap
+        return exceeds(step, tokens, shared=self.config.head_sharing) or bool(
+            cap and exceeds(step, head_cap_tokens(tokens, cap)))
 
     def budget_tokens(self, step: MemoryStep) -> torch.Tensor:
         """``(B,)`` tokens per head of this layer in budgeted mode (its share under the depth allocation), or
@@ -266,6 +269,8 @@ class NAMM(Policy):
             f", learned depth allocation ({self.config.depth_knots} knots)" if self.config.depth_knots else "")
         if b is not None and self.config.head_sharing:
             how += ", each layer's budget shared by its heads"
+            if self.config.head_cap:
+                how += f" (at most {self.config.head_cap:g}x the budget per head)"
         spectral = ("per-head standardised spectrogram" if self.config.spectral_norm == "per_head"
                     else self.normaliser.describe())
         parts = [f"{self.n_params:,} params", how, spectral]

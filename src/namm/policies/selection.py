@@ -55,8 +55,13 @@ def layer_total(k: torch.Tensor, heads: int) -> torch.Tensor:
     return k.sum(-1) if k.dim() == 2 else k * heads
 
 
+def head_cap_tokens(k: torch.Tensor, cap: float) -> torch.Tensor:
+    """``(B,)`` or ``(B, H)`` most tokens a head may keep under a shared budget: ``ceil(cap x k)``."""
+    return torch.ceil(k.double() * cap).long()
+
+
 def head_adaptive_keep(
-    scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, safeguard: float = 0.0
+    scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, safeguard: float = 0.0, cap: float = 0.0
 ) -> torch.Tensor:
     """Keep ``k[b] * H`` slots in each row ``b`` of a layer, the highest-scored over all its heads together (AdaKV).
 
@@ -69,12 +74,16 @@ def head_adaptive_keep(
         valid: ``(B, H, T)`` bool; invalid slots are never kept.
         k: ``(B,)`` int64 mean tokens per head, or ``(B, H)`` per-head shares (the layer keeps their sum).
         safeguard: share of ``k`` every head keeps regardless of the other heads, in ``[0, 1]``.
+        cap: 0, or ``>= 1``: no head keeps more than ``ceil(cap x k)`` slots (its best ones compete for the layer's
+            total), which bounds the layer's storage (padded to its longest head); the total stays exact.
 
     Returns:
         ``(B, H, T)`` bool keep mask.
     """
     b, h, t = scores.shape
     s = scores.float()
+    if cap:
+        valid = valid & top_k_keep(s, valid, head_cap_tokens(k, cap))
     if safeguard > 0:
         guaranteed = top_k_keep(s, valid, torch.floor(k.double() * safeguard).long())
         s = s.masked_fill(guaranteed, float("inf"))
