@@ -79,7 +79,7 @@ def plain(model, ids: torch.Tensor, new_tokens: int) -> dict:
             "memory": 0.0, "steps": 0, "cache": 1.0}
 
 
-def engine(model, tok, ids: torch.Tensor, policy, new_tokens: int, delay: int = 512, chunk: int | None = None) -> dict:
+def engine(model, tok, ids: torch.Tensor, policy, new_tokens: int, chunk: int | None = None, delay: int = 512) -> dict:
     out = namm.generate(model, tok, ids[0], policy, max_new_tokens=new_tokens, delay=delay, chunk_size=chunk,
                         ignore_eos=True)
     s = out.stats
@@ -167,7 +167,7 @@ def main() -> None:
             elif spec[0] == "plain":
                 r = plain(model, ids[n], spec[1])
             else:
-                r = engine(model, tok, ids[n], spec[1], spec[2], chunk=spec[3], delay=spec[4] if len(spec) > 4 else 512)
+                r = engine(model, tok, ids[n], *spec[1:])  # policy, new tokens, chunk[, delay]
             results.setdefault((kind, n, name), []).append(r)
             print(f"rep {rep} [{lengths[n]}] {kind} {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items()),
                   flush=True)
