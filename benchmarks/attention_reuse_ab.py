@@ -1,8 +1,10 @@
 """A/B of the attention reuse at memory steps: prefill time with ``MemoryCache.reuse_attention`` on and off.
 
-A keep-all NAMM that reads its attention features (``namm_cost.reading_keep_all``: a NAMM with zero parameters
-reads none and asks for no attention) and H2O prefill the same prompt in chunks equal to the cadence, alternating
-reuse on and off; Full (one pass) is timed in the same run for the ratio. Medians, seconds.
+Reuse is switched on and off for every policy (``MemoryCache.reuse_attention``, off by default). A keep-all
+NAMM that reads its attention features (``namm_cost.reading_keep_all``: a NAMM with zero parameters reads none
+and asks for no attention) and H2O prefill the same prompt in chunks equal to the cadence, alternating reuse on
+and off; Full (one pass) is timed in the same run for the ratio. Medians, seconds; the last column is the mean
+memory step (all layers) over the whole prefill.
 
 Usage: ``python benchmarks/attention_reuse_ab.py --length 4096 --delay 512 --repeats 2``
 """
@@ -22,10 +24,12 @@ from namm.policies import H2O, Full
 from namm.tasks import get_task
 
 
-def prefill(model, tok, prompt, policy, delay):
+def prefill(model, tok, prompt, policy, delay) -> tuple[float, float]:
+    """Seconds of the whole prefill, and the mean seconds of one memory step (all layers) within it."""
     t0 = time.perf_counter()
-    namm.generate(model, tok, prompt, policy, max_new_tokens=0, delay=delay, chunk_size=delay)
-    return time.perf_counter() - t0
+    stats = namm.generate(model, tok, prompt, policy, max_new_tokens=0, delay=delay, chunk_size=delay).stats
+    steps = max(len({step["n_seen"] for step in stats.steps}), 1)
+    return time.perf_counter() - t0, stats.memory_seconds / steps
 
 
 def main() -> None:
@@ -38,6 +42,7 @@ def main() -> None:
     model, tok = namm.load_model("smollm2-135m")
     prompt = get_task("passkey").samples(1, seed=6200, length=args.length, tokenizer=tok)[0].prompt
     times: dict[str, list[float]] = {}
+    step_times: dict[str, list[float]] = {}
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         namm.generate(model, tok, prompt, Full(), max_new_tokens=0)
@@ -45,15 +50,19 @@ def main() -> None:
         for reuse in (True, False):
             MemoryCache.reuse_attention = reuse
             for name, policy in (("NAMM keep-all", reading_keep_all()), ("H2O 25%", H2O(budget=0.25))):
-                times.setdefault(f"{name}, reuse {'on' if reuse else 'off'}", []).append(
-                    prefill(model, tok, prompt, policy, args.delay))
-    MemoryCache.reuse_attention = True
+                row = f"{name}, reuse {'on' if reuse else 'off'}"
+                total, step = prefill(model, tok, prompt, policy, args.delay)
+                times.setdefault(row, []).append(total)
+                step_times.setdefault(row, []).append(step)
+    MemoryCache.reuse_attention = False
     full = statistics.median(times["Full (one pass)"])
     print(f"\n{args.length} tokens, chunks = cadence = {args.delay}, {args.repeats} repeats, 2 threads\n")
-    print("| configuration | prefill s (median) | x Full |")
-    print("|---|---|---|")
+    print("| configuration | prefill s (median) | x Full | one memory step / prefill |")
+    print("|---|---|---|---|")
     for name, ts in times.items():
-        print(f"| {name} | {statistics.median(ts):.2f} | {statistics.median(ts) / full:.2f} |")
+        total = statistics.median(ts)
+        share = f"{statistics.median(step_times[name]) / total:.1%}" if name in step_times else "-"
+        print(f"| {name} | {total:.2f} | {total / full:.2f} | {share} |")
 
 
 if __name__ == "__main__":
