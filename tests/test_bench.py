@@ -117,6 +117,27 @@ def test_shipped_suites_load_and_hold_what_they_promise():
         assert {c.allocation for c in results.cells} == {None, "smollm2-135m"}
 
 
+def test_reconstruction_memory_suites_hold_the_issue_sizes():
+    """The held-out evidence for the shipped memory (issue 11): 2k >= 32, 4k >= 16, every English MiniLongBench
+    sample, all at 50% with Full, the memory, KVzip and the classic baselines, on seed 7000."""
+    two_k, four_k, lb = load_suite("namm-recon-2k"), load_suite("namm-recon-4k"), load_suite("namm-recon-lb")
+    for task in ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"):
+        assert {(t.task, t.lengths): t.samples for t in two_k.tasks}[(task, (2048,))] >= 32
+    assert {t.task: t.samples for t in four_k.tasks} == {"passkey": 16, "niah_single": 16}
+    assert all(t.lengths == (4096,) for t in four_k.tasks)
+    assert len(lb.tasks) == 8 and all(t.samples is None and t.lengths == (2048,) for t in lb.tasks)
+    for suite in (two_k, four_k, lb):
+        labels = [c.label for c in suite.cells]
+        assert labels[:3] == ["full", "namm@0.5", "kvzip@0.5"]
+        assert {"streaming@0.5", "snapkv@0.5", "h2o@0.5", "l2@0.5", "random@0.5"} <= set(labels)
+        assert suite.mode == "prompt" and suite.delay == 128 and all(t.seeds == (7000,) for t in suite.tasks)
+
+
+@pytest.mark.parametrize("path", sorted((Path(namm.__file__).parent / "suites").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_bundled_suite_loads(path):
+    assert load_suite(path.stem).name == path.stem
+
+
 @pytest.mark.parametrize("change, message", [
     ({"colour": "red"}, "unknown key"),
     ({"mode": "agnostic"}, "mode must be one of"),
