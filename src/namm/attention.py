@@ -179,7 +179,7 @@ def explicit_attention(
 
     The same arithmetic as :func:`namm.step.recompute_attention` (scaled float32 logits, masked, softmaxed),
     block by block of queries (at most :data:`LOGIT_BLOCK_ELEMENTS` logits at once). The G query heads of a KV
-    head are folded as in :func:`_per_head_sdpa`, so keys and values are never repeated.
+    head are folded into its query axis, so keys and values are never repeated.
 
     Args:
         query: ``(B, H_q, Q, D)``, this call's queries; they belong to the last ``Q`` slots.
@@ -220,13 +220,21 @@ def explicit_attention(
 def _per_head_sdpa(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, scaling: float | None
 ) -> torch.Tensor:
-    """SDPA with a per-KV-head mask ``allowed`` ``(B, H, Q, T)``; the G query heads of a group share it."""
+    """SDPA with a per-KV-head mask ``allowed`` ``(B, H, Q, T)``; the G query heads of a group share it.
+
+    Each KV head becomes a batch row whose G query heads read it through an expanded (stride-0) view, so the mask
+    is passed as a ``(B*H, 1, Q, T)`` view that broadcasts over the G heads: nothing of size ``G*Q*T`` is built
+    (folding the G heads into the query axis needed a copy of the mask, and SDPA's conversion of that copy to an
+    additive mask cost about a quarter of the call; docs/benchmarks.md).
+    """
     b, hq, q, d = query.shape
     h, t = key.shape[1], key.shape[2]
     g = hq // h
-    folded = query.reshape(b, h, g * q, d)  # query heads h*G..h*G+G-1 read KV head h (repeat_kv order)
-    mask = allowed[:, :, None].expand(b, h, g, q, t).reshape(b, h, g * q, t)
-    out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
+    per_kv = query.reshape(b * h, g, q, d)  # query heads h*G..h*G+G-1 read KV head h (repeat_kv order)
+    keys = key.reshape(b * h, 1, t, d).expand(b * h, g, t, d)
+    values = value.reshape(b * h, 1, t, value.shape[-1]).expand(b * h, g, t, value.shape[-1])
+    mask = allowed.reshape(b * h, 1, q, t)
+    out = torch.nn.functional.scaled_dot_product_attention(per_kv, keys, values, attn_mask=mask, scale=scaling)
     return out.reshape(b, hq, q, value.shape[-1]).transpose(1, 2).contiguous()
 
 
