@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from _report import make_ids, write_section
+from _report import engine, make_ids, plain_transformers, write_section
 from transformers import DynamicCache
 
 import namm
@@ -57,36 +57,6 @@ def live_bam_keep_all() -> NAMM:
     params = torch.randn(param_count(), generator=torch.Generator().manual_seed(0)) * 0.065
     unflatten(params)["head_bias"].fill_(100.0)
     return NAMM(params=params)
-
-
-@torch.inference_mode()
-def plain(model, ids: torch.Tensor, new_tokens: int) -> dict:
-    """Plain transformers: one-pass SDPA prefill into a ``DynamicCache``, then greedy decoding."""
-    model.set_attn_implementation("sdpa")
-    try:
-        cache = DynamicCache(config=model.config)
-        t0 = time.perf_counter()
-        logits = model(ids, **{cache_argument(model): cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
-        prefill = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            nxt = logits.argmax(-1, keepdim=True)
-            logits = model(nxt, **{cache_argument(model): cache}, use_cache=True).logits[:, -1]
-        decode = time.perf_counter() - t1
-    finally:
-        model.set_attn_implementation("namm")
-    return {"prefill": prefill, "decode": decode / max(new_tokens - 1, 1), "total": prefill + decode,
-            "memory": 0.0, "steps": 0, "cache": 1.0}
-
-
-def engine(model, tok, ids: torch.Tensor, policy, new_tokens: int, chunk: int | None = None, delay: int = 512) -> dict:
-    out = namm.generate(model, tok, ids[0], policy, max_new_tokens=new_tokens, delay=delay, chunk_size=chunk,
-                        ignore_eos=True)
-    s = out.stats
-    n_steps = len({step["n_seen"] for step in s.steps})
-    return {"prefill": s.prefill_seconds, "decode": s.decode_seconds / max(s.generated_tokens[0] - 1, 1),
-            "total": s.prefill_seconds + s.decode_seconds, "memory": s.memory_seconds, "steps": n_steps,
-            "cache": s.cache_fraction}
 
 
 @torch.inference_mode()
@@ -157,7 +127,7 @@ def main() -> None:
     rows = plan(args)
     lengths = {n: max(256, int(n * args.scale) // 512 * 512 or 256) for n in {r[1] for r in rows}}
     ids = {n: make_ids(tok, m) for n, m in lengths.items()}
-    plain(model, ids[1024][:, :256], 4)  # warm-up
+    plain_transformers(model, ids[1024][:, :256], 4)  # warm-up
     engine(model, tok, ids[1024][:, :600], NAMM(), 2)
     results: dict[tuple[str, int, str], list[dict]] = {}
     for rep in range(args.repeats):
@@ -165,7 +135,7 @@ def main() -> None:
             if kind == "growth":
                 r = growth(model, ids[n], spec, args.growth_tokens)
             elif spec[0] == "plain":
-                r = plain(model, ids[n], spec[1])
+                r = plain_transformers(model, ids[n], spec[1])
             else:
                 r = engine(model, tok, ids[n], *spec[1:])  # policy, new tokens, chunk[, delay]
             results.setdefault((kind, n, name), []).append(r)

@@ -16,46 +16,10 @@ import time
 from pathlib import Path
 
 import torch
-from _report import make_ids, write_section
-from transformers import DynamicCache
+from _report import engine, make_ids, plain_transformers, write_section
 
 import namm
-from namm.cache import cache_argument
 from namm.policies import H2O, Full, L2Norm, Random, SnapKV, StreamingLLM
-
-
-@torch.inference_mode()
-def plain_transformers(model, ids: torch.Tensor, new_tokens: int) -> dict:
-    """Reference: one-shot SDPA prefill into a DynamicCache, then greedy decoding."""
-    model.set_attn_implementation("sdpa")
-    try:
-        cache = DynamicCache(config=model.config)
-        t0 = time.perf_counter()
-        logits = model(ids, **{cache_argument(model): cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
-        prefill = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            token = logits.argmax(-1, keepdim=True)
-            logits = model(token, **{cache_argument(model): cache}, use_cache=True).logits[:, -1]
-        decode = (time.perf_counter() - t1) / max(new_tokens - 1, 1)
-        kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-    finally:
-        model.set_attn_implementation("namm")
-    return {"prefill": prefill, "decode": decode, "peak_kv": kv, "memory": 0.0, "steps": 0}
-
-
-def engine(model, tok, ids: torch.Tensor, policy, new_tokens: int, delay: int) -> dict:
-    out = namm.generate(model, tok, ids[0], policy, max_new_tokens=new_tokens, delay=delay, ignore_eos=True)
-    s = out.stats
-    n_steps = len({step["n_seen"] for step in s.steps})
-    return {
-        "prefill": s.prefill_seconds,
-        "decode": s.decode_seconds / max(s.generated_tokens[0] - 1, 1),
-        "peak_kv": s.peak_kv_bytes,
-        "final_kv": s.kv_bytes,
-        "memory": s.memory_seconds / max(n_steps, 1),
-        "steps": n_steps,
-    }
 
 
 def main() -> None:
@@ -81,15 +45,16 @@ def main() -> None:
     rows = {}
     warm = make_ids(tok, 256)
     plain_transformers(model, warm, 4)
-    engine(model, tok, warm, Full(), 4, args.delay)
+    engine(model, tok, warm, Full(), 4, delay=args.delay)
     for length in args.lengths:
         ids = make_ids(tok, length)
         runs: dict[str, list[dict]] = {name: [] for name in configs}
         for rep in range(args.repeats):
             for name, policy in configs.items():
                 r = plain_transformers(model, ids, args.new_tokens) if policy is None else engine(
-                    model, tok, ids, policy, args.new_tokens, args.delay
+                    model, tok, ids, policy, args.new_tokens, delay=args.delay
                 )
+                r["memory"] /= max(r["steps"], 1)  # the table reports one memory step
                 runs[name].append(r)
                 print(f"[{length}] rep {rep} {name}: prefill {r['prefill']:.2f}s decode {r['decode'] * 1e3:.1f}ms "
                       f"memory-step {r['memory']:.3f}s peak KV {r['peak_kv'] / 2**20:.1f} MiB", flush=True)
