@@ -96,6 +96,41 @@ def test_index_batch_and_a_dropped_probe_leave_the_store_consistent():
     torch.testing.assert_close(layer.keys, keys_before, rtol=0, atol=0)
 
 
+def test_appends_write_in_place_and_never_change_what_was_handed_out():
+    """Keys, values, slot metadata, per-token state and kept queries grow inside buffers with headroom: a decoded
+    token is written once, nothing held is copied again (the storage stays where it was), and every tensor
+    equals the concatenation it replaces. A dropped probe's keys stay intact across the next append."""
+    layer = _store(5)
+    layer.compact(torch.ones(B, H, 5, dtype=torch.bool))  # per-head metadata from now on
+    layer.state["s"] = torch.arange(5.0).expand(B, H, 5).clone()
+    layer.keep_queries(torch.zeros(B, H * G, 1, D), window=None)
+    expect_keys, expect_state, expect_q = layer.keys.clone(), layer.state["s"].clone(), layer.queries.clone()
+    pointers = None
+    for i in range(4):
+        k, v = _kv(1, seed=10 + i)
+        layer.update(k, v)
+        q = torch.full((B, H * G, 1, D), float(i + 1))
+        layer.keep_queries(q, window=None)
+        expect_keys = torch.cat([expect_keys, k], dim=2)
+        expect_state = torch.cat([expect_state, torch.zeros(B, H, 1)], dim=2)
+        expect_q = torch.cat([expect_q, q], dim=2)
+        now = [t.data_ptr() for t in (layer.keys, layer.values, layer.positions, layer.valid, layer.state["s"],
+                                      layer.queries)]
+        if i >= 1:  # the first append after the compaction and the first kept query start the buffers
+            assert now == pointers
+        pointers = now
+    torch.testing.assert_close(layer.keys, expect_keys, rtol=0, atol=0)
+    torch.testing.assert_close(layer.state["s"], expect_state, rtol=0, atol=0)
+    torch.testing.assert_close(layer.queries, expect_q, rtol=0, atol=0)
+    assert layer.positions[0, 0].tolist() == list(range(9)) and bool(layer.valid.all())
+    n_seen = layer.n_seen
+    probe_k, probe_v = _kv(3, seed=20)
+    layer.update(probe_k, probe_v)
+    _, keys = layer.drop_probe(n_seen)
+    layer.update(*_kv(3, seed=21))  # written where the probe's slots were
+    torch.testing.assert_close(keys, probe_k, rtol=0, atol=0)
+
+
 def test_kept_queries_follow_the_window():
     layer = _store(2)
     layer.keep_queries(torch.zeros(B, H * G, 3, D), window=4)

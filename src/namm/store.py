@@ -19,6 +19,32 @@ from transformers.cache_utils import DynamicLayer
 
 from namm.errors import NammError
 
+#: Room a new append buffer gets beyond what it holds: at least this many slots, and at least a quarter more.
+HEADROOM = 256
+
+
+def _append_in_place(
+    held: torch.Tensor, new: torch.Tensor, dim: int, buffer: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``held`` with ``new`` appended along ``dim``, as a prefix view of a buffer with room to grow.
+
+    When ``held`` is the prefix view of ``buffer`` (same storage start and strides) and the buffer has room,
+    only ``new`` is written; otherwise (first append, or ``held`` was replaced by a compaction, a batch index or a
+    slice) a new buffer with :data:`HEADROOM` is filled from ``held``. So appending a token copies the token,
+    not everything held, as ``torch.cat`` would. Returns ``(view, buffer)``.
+    """
+    n, m = held.shape[dim], new.shape[dim]
+    fits = (buffer is not None and buffer.shape[dim] >= n + m and buffer.dtype == new.dtype
+            and buffer.shape[:dim] == held.shape[:dim] and buffer.shape[dim + 1 :] == held.shape[dim + 1 :]
+            and held.data_ptr() == buffer.data_ptr() and held.stride() == buffer.stride())
+    if not fits:
+        shape = list(held.shape)
+        shape[dim] = n + m + max(HEADROOM, (n + m) // 4)
+        buffer = held.new_empty(shape)
+        buffer.narrow(dim, 0, n).copy_(held)
+    buffer.narrow(dim, n, m).copy_(new)
+    return buffer.narrow(dim, 0, n + m), buffer
+
 
 def _lower_triangle(n: int, device) -> torch.Tensor:
     """``(n, n)`` bool, True on and below the diagonal."""
@@ -56,13 +82,12 @@ class EvictingLayer(DynamicLayer):
         self.state: dict[str, torch.Tensor] = {}
         self.queries: torch.Tensor | None = None
         self.probe_queries: torch.Tensor | None = None
-        # Key/value storage with room to grow: ``self.keys`` / ``self.values`` are views of the first slots of
-        # these buffers, so appending a token writes it in place instead of copying the whole cache (what
-        # ``torch.cat`` does, as DynamicCache does, at every decoded token). Any other assignment of
-        # ``self.keys`` (compaction, batch indexing, probe removal) leaves the views and the next append starts
-        # a new buffer from them.
-        self._key_buffer: torch.Tensor | None = None
-        self._value_buffer: torch.Tensor | None = None
+        # Storage with room to grow, by name ("keys", "values", "positions", "valid", "real", "queries",
+        # "state:<name>"): each of those tensors is a prefix view of its buffer, so appending a token writes it in
+        # place instead of copying everything held (what ``torch.cat`` does, as DynamicCache does, at every
+        # decoded token). Any other assignment (compaction, batch indexing, probe removal, a policy's new state)
+        # leaves the view and the next append starts a new buffer from it (:func:`_append_in_place`).
+        self._buffers: dict[str, torch.Tensor] = {}
 
     # --- slot metadata -----------------------------------------------------------------------------
     @property
@@ -109,7 +134,7 @@ class EvictingLayer(DynamicLayer):
     @property
     def nbytes(self) -> int:
         """Bytes of key/value storage (padding slots included; 0 before the first token). The append buffers
-        hold up to ``max(KV_HEADROOM, a quarter)`` more slots than this, allocated but not yet written."""
+        hold up to ``max(HEADROOM, a quarter)`` more slots than this, allocated but not yet written."""
         return self.keys.nbytes + self.values.nbytes if self.is_initialized else 0
 
     # --- transformers Cache layer API -------------------------------------------------------------
@@ -120,41 +145,25 @@ class EvictingLayer(DynamicLayer):
         b, h, q, _ = key_states.shape
         if self._positions is not None:
             new_pos = torch.arange(self.n_seen, self.n_seen + q, device=self.device)
-            self._positions = torch.cat([self._positions, new_pos.expand(b, h, q)], dim=-1)
+            self._positions = self._append("positions", self._positions, new_pos.expand(b, h, q), 2)
         if self._valid is not None:
-            self._valid = torch.cat([self._valid, self._valid.new_ones(b, h, q)], dim=-1)
+            self._valid = self._append("valid", self._valid, self._valid.new_ones(b, h, q), 2)
         if self._real is not None:
-            self._real = torch.cat([self._real, self._real.new_ones(b, q)], dim=-1)
-        self.keys, self.values = self._append_kv(key_states, value_states)
+            self._real = self._append("real", self._real, self._real.new_ones(b, q), 1)
+        if self.keys.dim() != 4:  # transformers' lazy initialisation leaves 1-D empty tensors
+            self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
+        self.keys = self._append("keys", self.keys, key_states, 2)
+        self.values = self._append("values", self.values, value_states, 2)
         for name, tensor in self.state.items():
             pad = tensor.new_zeros(b, h, q, *tensor.shape[3:])
-            self.state[name] = torch.cat([tensor, pad], dim=2)
+            self.state[name] = self._append(f"state:{name}", tensor, pad, 2)
         self.n_seen += q
         return self.keys, self.values
 
-    #: Slots of headroom a new key/value buffer gets beyond what it holds (at least, and at least a quarter more).
-    KV_HEADROOM = 256
-
-    def _append_kv(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, H, T + Q, D)`` views of the buffers holding the old slots and the ``Q`` new ones."""
-        if self.keys.dim() != 4:  # transformers' lazy initialisation leaves 1-D empty tensors
-            self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
-        t, q = self.keys.shape[2], key_states.shape[2]
-        buf_k, buf_v = self._key_buffer, self._value_buffer
-        in_place = (buf_k is not None and buf_k.shape[2] >= t + q and buf_k.shape[:2] == self.keys.shape[:2]
-                    and self.keys.data_ptr() == buf_k.data_ptr() and self.values.data_ptr() == buf_v.data_ptr()
-                    and self.keys.stride() == buf_k.stride() and buf_k.dtype == key_states.dtype)
-        if not in_place:
-            capacity = t + q + max(self.KV_HEADROOM, (t + q) // 4)
-            b, h, _, dk = self.keys.shape
-            buf_k = self.keys.new_empty(b, h, capacity, dk)
-            buf_v = self.values.new_empty(b, h, capacity, self.values.shape[-1])
-            buf_k[:, :, :t] = self.keys
-            buf_v[:, :, :t] = self.values
-            self._key_buffer, self._value_buffer = buf_k, buf_v
-        buf_k[:, :, t : t + q] = key_states
-        buf_v[:, :, t : t + q] = value_states
-        return buf_k[:, :, : t + q], buf_v[:, :, : t + q]
+    def _append(self, name: str, held: torch.Tensor, new: torch.Tensor, dim: int) -> torch.Tensor:
+        """``held`` + ``new`` along ``dim``, in the buffer kept under ``name`` (see :func:`_append_in_place`)."""
+        view, self._buffers[name] = _append_in_place(held, new, dim, self._buffers.get(name))
+        return view
 
     def get_seq_length(self) -> int:
         """Tokens processed so far (absolute), which is what transformers derives positions from."""
@@ -228,7 +237,7 @@ class EvictingLayer(DynamicLayer):
         """Append ``(B, H_q, Q, D)`` queries to the ones kept for the next memory step; keep the last
         ``window`` (``None``: all of them)."""
         query = query.detach()
-        self.queries = query if self.queries is None else torch.cat([self.queries, query], dim=2)
+        self.queries = query if self.queries is None else self._append("queries", self.queries, query, 2)
         if window is not None and self.queries.shape[2] > window:
             self.queries = self.queries[:, :, -window:]
 
@@ -277,7 +286,7 @@ class EvictingLayer(DynamicLayer):
         queries, self.probe_queries = self.probe_queries, None
         if p <= 0:
             return None, None
-        keys = self.keys[:, :, -p:]
+        keys = self.keys[:, :, -p:].clone()  # the next append writes over these slots of the buffer
         self.keys, self.values = self.keys[:, :, :-p], self.values[:, :, :-p]
         if self._positions is not None:
             self._positions = self._positions[..., :-p]
