@@ -234,34 +234,3 @@ def test_head_cap_holds_at_every_step_in_the_runtime(tokenizer):
 
     assert not any(over_cap(policy))
     assert any(over_cap(uncapped))  # the cap binds on this prompt
-
-
-def test_neighbour_max_lifts_each_slot_to_its_window_and_leaves_invalid_slots_out():
-    from namm.policies.selection import neighbour_max
-
-    scores = torch.tensor([[[0.0, 5.0, 1.0, 0.0, 9.0, 3.0, -2.0]]])
-    valid = torch.tensor([[[True, True, True, True, False, True, True]]])
-    pooled = neighbour_max(scores, valid, 3)
-    inf = float("inf")
-    assert pooled.tolist() == [[[5.0, 5.0, 5.0, 1.0, -inf, 3.0, 3.0]]]  # the invalid 9 lifts nobody
-    assert torch.equal(neighbour_max(scores, valid, 1), scores.masked_fill(~valid, -inf))
-
-
-def test_score_pool_keeps_a_high_scored_token_with_its_neighbours():
-    cfg = budget_config(key_norm_feature=True, spectral_norm="per_head")
-    params = torch.randn(param_count(cfg), generator=torch.Generator().manual_seed(3))
-    plain, pooled = NAMM(cfg, params=params), NAMM(budget_config(key_norm_feature=True, spectral_norm="per_head",
-                                                                  score_pool=5), params=params)
-    step = _step(0, 2)
-    base = plain.score(_step(0, 2))
-    scores = pooled.score(step)
-    torch.testing.assert_close(scores, torch.nn.functional.max_pool1d(base.reshape(-1, 1, 40), 5, 1, 2).view_as(base))
-    keep = pooled.keep(step, scores)
-    assert bool((keep.sum(-1) == 20).all())  # the budget is unchanged
-    best = base.argmax(-1, keepdim=True)  # the top token of each head and its neighbours within 2 slots are kept
-    for offset in (-2, -1, 0, 1, 2):
-        assert bool(keep.gather(-1, (best + offset).clamp(0, 39)).all())
-    assert "score_pool=5" in repr(pooled.config) and "score_pool" not in repr(plain.config)
-    for bad in (2, 1, -3, True):
-        with pytest.raises(NammError, match="score_pool"):
-            budget_config(score_pool=bad)

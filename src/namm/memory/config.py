@@ -14,11 +14,11 @@ SPECTRAL_NORMS = ("global", "per_head")
 #: Fields added after the first checkpoint format: a checkpoint without them takes their defaults.
 OPTIONAL_FIELDS = frozenset({"budget", "depth_knots", "spectral_norm", "key_norm_feature", "bam_window",
                              "query_entropy_feature", "key_novelty_feature", "reconstruction_feature",
-                             "head_sharing", "head_cap", "score_pool"})
+                             "head_sharing", "head_cap"})
 #: Options shown by ``repr`` and written by ``to_dict`` only when set, so that adding them left every existing
 #: policy fingerprint (and the harness records keyed by it) and checkpoint file unchanged.
 REPR_WHEN_SET = frozenset({"bam_window", "query_entropy_feature", "key_novelty_feature", "reconstruction_feature",
-                           "head_sharing", "head_cap", "score_pool"})
+                           "head_sharing", "head_cap"})
 
 
 @dataclass
@@ -77,10 +77,6 @@ class NAMMConfig:
         head_cap: with ``head_sharing``: no head keeps more than ``ceil(head_cap x budget)`` tokens (0: no cap; else
             >= 1, so the layer's total still fits). The cache stores a layer padded to its longest head, so the cap
             bounds the storage a shared budget really saves (``peak_kv_bytes``). Off by default.
-        score_pool: 0 (off) or an odd window >= 3: each token's score is raised to the largest score among the
-            ``score_pool`` slots centred on it before selection (:func:`namm.policies.selection.neighbour_max`,
-            SnapKV pools its scores for the same reason), so a needle spelled over several tokens is kept whole.
-            A deviation from the reference, off by default (docs/namm.md).
     """
 
     n_fft: int = 32
@@ -106,7 +102,6 @@ class NAMMConfig:
     reconstruction_feature: bool = False
     head_sharing: bool = False
     head_cap: float = 0.0
-    score_pool: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -188,9 +183,6 @@ class NAMMConfig:
             raise NammError(f"NAMMConfig.head_cap must be 0 (no cap) or a number >= 1, got {cap!r}.")
         if cap and not self.head_sharing:
             raise NammError("NAMMConfig.head_cap caps the heads of a shared budget: set NAMMConfig.head_sharing too.")
-        pool = self.score_pool
-        if isinstance(pool, bool) or not isinstance(pool, int) or (pool != 0 and (pool < 3 or pool % 2 == 0)):
-            raise NammError(f"NAMMConfig.score_pool must be 0 (off) or an odd window >= 3, got {pool!r}.")
         if self.head_sharing and self.budget is None:
             raise NammError("NAMMConfig.head_sharing needs the budgeted mode: set NAMMConfig.budget too.")
         if self.depth_knots and self.budget is None:

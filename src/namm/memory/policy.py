@@ -41,7 +41,7 @@ from namm.policies import register_policy
 from namm.policies.allocation import HeadAllocation
 from namm.policies.base import ALL_QUERIES, MemoryStep, Policy, StepRequest, budget_tokens, exceeds, head_tokens
 from namm.policies.peers import reconstruction_ids, reconstruction_scores
-from namm.policies.selection import head_adaptive_keep, head_cap_tokens, neighbour_max, threshold_keep, top_k_keep
+from namm.policies.selection import head_adaptive_keep, head_cap_tokens, threshold_keep, top_k_keep
 
 #: First tokens that take part in every chunk's reconstruction softmax (KVzip's sinks).
 RECONSTRUCTION_SINKS = 4
@@ -217,10 +217,7 @@ class NAMM(Policy):
         if attention:
             step.state[EMA_KEY] = ema
             step.state[CARRY_KEY] = carry
-        scores = bam_scores(features, step.valid, params, self.config, step.positions)
-        if self.config.score_pool:
-            scores = neighbour_max(scores, step.valid, self.config.score_pool)
-        return scores
+        return bam_scores(features, step.valid, params, self.config, step.positions)
 
     def keep(self, step: MemoryStep, scores: torch.Tensor) -> torch.Tensor:
         """``(B, H, T)`` keep mask: the budgeted top scores, or the non-negative ones (+ the newest token)."""
@@ -279,8 +276,6 @@ class NAMM(Policy):
         parts = [f"{self.n_params:,} params", how, spectral]
         if self.config.reconstruction_feature:
             parts.append("reconstruction-probe feature")
-        if self.config.score_pool:
-            parts.append(f"scores max-pooled over {self.config.score_pool} neighbours")
         if self.population is not None:
             parts.append(f"population of {self.population.shape[0]}")
         if self.collect_stats:

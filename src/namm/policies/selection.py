@@ -5,22 +5,6 @@ from __future__ import annotations
 import torch
 
 
-def neighbour_max(scores: torch.Tensor, valid: torch.Tensor, kernel: int) -> torch.Tensor:
-    """``(B, H, T)`` scores where each valid slot takes the largest valid score among the ``kernel`` slots centred
-    on it (slots are in position order), so a token scored high carries its neighbours with it: a needle spread
-    over several tokens (one per digit) is kept whole or not at all. Invalid slots stay ``-inf``.
-
-    Args:
-        scores: ``(B, H, T)`` float scores.
-        valid: ``(B, H, T)`` bool.
-        kernel: odd window length (1: the scores unchanged).
-    """
-    b, h, t = scores.shape
-    masked = scores.masked_fill(~valid, float("-inf")).reshape(b * h, 1, t)
-    pooled = torch.nn.functional.max_pool1d(masked, kernel, stride=1, padding=kernel // 2).view(b, h, t)
-    return pooled.masked_fill(~valid, float("-inf"))
-
-
 def top_k_keep(scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Keep the ``k[b]`` (or ``k[b, h]``) highest-scored valid slots of every head of row ``b``.
 
