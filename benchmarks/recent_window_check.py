@@ -15,13 +15,13 @@ Measured (docs/namm.md): Full 0.74, memory 0.51, recent128 0.43, StreamingLLM 0.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 import namm
 from namm.harness import run_sample
+from namm.jsonl import append_record, read_records
 from namm.memory import NAMM
 from namm.policies import Full, StreamingLLM
 from namm.policies.base import MemoryStep, protect, recent_mask
@@ -65,9 +65,7 @@ def main() -> None:
     model, tok = namm.load_model(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
     out_file = args.out / f"{args.model}-s{args.seed}.jsonl"
-    done = set()
-    if out_file.exists():
-        done = {(r["cell"], r["id"]) for r in map(json.loads, out_file.read_text().splitlines())}
+    done = {(r["cell"], r["id"]) for r in read_records(out_file).records}
     for cell in args.cells.split(","):
         policy = make(cell)
         for task_name in args.tasks.split(","):
@@ -80,8 +78,7 @@ def main() -> None:
                 line = {"cell": cell, "id": sample.id, "task": task_name, "score": record["score"],
                         "answer_nll": record["answer_nll"], "prediction": record["prediction"][:80],
                         "answers": record["answers"], "cache_fraction": record["cache_fraction"]}
-                with out_file.open("a") as f:
-                    f.write(json.dumps(line) + "\n")
+                append_record(out_file, line)
                 print(cell, sample.id, line["score"], round(line["answer_nll"], 3), flush=True)
 
 
