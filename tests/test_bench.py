@@ -131,6 +131,10 @@ def test_reconstruction_memory_suites_hold_the_issue_sizes():
         assert labels[:3] == ["full", "namm@0.5", "kvzip@0.5"]
         assert {"streaming@0.5", "snapkv@0.5", "h2o@0.5", "l2@0.5", "random@0.5"} <= set(labels)
         assert suite.mode == "prompt" and suite.delay == 128 and all(t.seeds == (7000,) for t in suite.tasks)
+    agnostic = load_suite("namm-recon-2k-agnostic")
+    assert agnostic.mode == "question-agnostic" and agnostic.delay == two_k.delay
+    assert {t.task: t.samples for t in agnostic.tasks} == {t.task: 16 for t in two_k.tasks}
+    assert [c.label for c in agnostic.cells][:3] == ["full", "namm@0.5", "kvzip@0.5"]
 
 
 @pytest.mark.parametrize("path", sorted((Path(namm.__file__).parent / "suites").glob("*.yaml")), ids=lambda p: p.stem)
@@ -342,7 +346,7 @@ def test_question_agnostic_suite_compresses_once_after_the_context(llama, tokeni
         "policies": ["full", {"name": "kvzip", "budgets": [0.5]}, {"name": "snapkv", "budgets": [64]}],
     }))
     suite = load_suite(path)
-    assert run_suite(suite, tmp_path, llama, tokenizer, progress=False) == 6
+    assert run_suite(suite, tmp_path, llama, tokenizer, progress=False).computed == 6
     samples = get_task("passkey").samples(2, seed=7000, length=256, tokenizer=tokenizer)
     for label in ("kvzip@0.5", "snapkv@64"):
         for rec, sample in zip(_lines(records_file(tmp_path, "passkey-256-s7000", label)), samples, strict=True):
@@ -384,3 +388,55 @@ def test_the_learned_memory_is_paired_against_every_policy_at_its_budget(tmp_pat
     assert not learned["kvzip@0.5"].paired.difference.excludes(0.0)
     text = render(suite, tmp_path, tmp_path / "page.md").read_text()
     assert "The learned memory against every other policy" in text and "| namm@0.5 | 50% | kvzip@0.5 |" in text
+
+
+def test_records_of_another_run_are_reused_only_when_their_setting_is_exactly_this_suites(llama, tokenizer,
+                                                                                           tmp_path):
+    from namm.bench import run_suite
+
+    def suite(name, policies, **extra):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "name": name, "delay": 64, "chunk_size": 64, "tasks": [{"task": "passkey", "lengths": [192], "samples": 3}],
+            "policies": policies} | extra))
+        return load_suite(path)
+
+    first = tmp_path / "first"
+    assert run_suite(suite("a", ["full", {"name": "snapkv", "budgets": [0.5]}]), first, llama, tokenizer,
+                     progress=False).computed == 6
+    group = "passkey-192-s7000"
+    bigger = suite("b", ["full", {"name": "snapkv", "budgets": [0.5]}, {"name": "streaming", "budgets": [0.5]}])
+    second = tmp_path / "second"
+    count = run_suite(bigger, second, llama, tokenizer, progress=False, reuse=[first], compute=False)
+    assert (count.computed, count.reused, count.missing) == (0, 6, 3)
+    for label in ("full", "snapkv@0.5"):
+        theirs, ours = _lines(records_file(first, group, label)), _lines(records_file(second, group, label))
+        assert [r | {"reused_from": str(first)} for r in theirs] == ours
+    assert not records_file(second, group, "streaming@0.5").exists()
+    # computing now runs only what no run had, and copies nothing twice
+    count = run_suite(bigger, second, llama, tokenizer, progress=False, reuse=[first])
+    assert (count.computed, count.reused, count.missing) == (3, 0, 0)
+    assert [r["id"] for r in _lines(records_file(second, group, "full"))] == [f"passkey-s7000-{i}" for i in range(3)]
+    # another cadence is another setting: nothing is copied
+    count = run_suite(suite("c", ["full"], delay=32, chunk_size=32), tmp_path / "third", llama, tokenizer,
+                      progress=False, reuse=[first], compute=False)
+    assert (count.reused, count.missing) == (0, 3)
+    with pytest.raises(NammError, match="output directory itself"):
+        run_suite(bigger, second, llama, tokenizer, progress=False, reuse=[second])
+    with pytest.raises(NammError, match="holds no records"):
+        run_suite(bigger, second, llama, tokenizer, progress=False, reuse=[tmp_path / "nowhere"])
+
+
+def test_bench_cli_reuses_another_run_and_says_what_it_copied(model_dir, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    base = ["bench", "--suite", "quick", "--model", str(model_dir), "--no-progress"]
+    assert CliRunner().invoke(app, [*base, "--out", str(first)]).exit_code == 0
+    res = CliRunner().invoke(app, [*base, "--out", str(second), "--reuse", str(first), "--no-compute"])
+    assert res.exit_code == 0, res.output
+    total = sum(p.read_bytes().count(b"\n") for p in (first / "records").iterdir())
+    assert f"0 samples computed, {total} copied from --reuse, 0 left to compute" in " ".join(res.output.split())
+    page = " ".join((second / "leaderboard.md").read_text().split())
+    assert f"{total} of the {total} records were copied from other runs" in page
+    assert "copied from other runs" not in (first / "leaderboard.md").read_text()
+    res = CliRunner().invoke(app, [*base, "--out", str(second), "--reuse", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2 and "holds no records" in res.output and "Traceback" not in res.output

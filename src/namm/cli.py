@@ -414,6 +414,9 @@ def bench(
     model: str = typer.Option(None, help="Model (default: the suite's)."),
     leaderboard: Path = typer.Option(None, help="Markdown page for the leaderboard (default: OUT/leaderboard.md)."),
     render_only: bool = typer.Option(False, help="Only render the leaderboard from the records in OUT."),
+    reuse: list[Path] = typer.Option(None, "--reuse", help="Another run's directory: copy its records whose setting "
+                                     "is exactly this suite's instead of computing them (repeatable)."),
+    compute: bool = typer.Option(True, help="--no-compute: copy what --reuse offers, compute nothing."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Run a benchmark suite (every policy x budget on its tasks) and render the leaderboard with 95% intervals."""
@@ -421,8 +424,11 @@ def bench(
     def body():
         from namm.bench.main import main  # noqa: PLC0415
 
-        page, computed = main(suite, out, model=model, page=leaderboard, render_only=render_only, progress=progress)
-        console.print(f"{computed} samples computed; leaderboard: {page}")
+        page, count = main(suite, out, model=model, page=leaderboard, render_only=render_only, progress=progress,
+                           reuse=tuple(reuse or ()), compute=compute)
+        reused = f", {count.reused} copied from --reuse" if reuse else ""
+        missing = f", {count.missing} left to compute" if not compute else ""
+        console.print(f"{count.computed} samples computed{reused}{missing}; leaderboard: {page}")
 
     _run(body)
 

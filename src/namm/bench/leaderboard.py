@@ -223,6 +223,24 @@ def write_section(path: Path, name: str, lines: list[str], title: str = "# Leade
     atomic_write_text(path, text)
 
 
+def _reuse_note(records: dict) -> list[str]:
+    """A paragraph naming the runs whose records were copied in (``namm bench --reuse``), if any."""
+    sources: dict[str, int] = {}
+    total = 0
+    for groups in records.values():
+        for recs in groups.values():
+            for r in recs.values():
+                total += 1
+                if "reused_from" in r:
+                    sources[r["reused_from"]] = sources.get(r["reused_from"], 0) + 1
+    if not sources:
+        return []
+    named = ", ".join(f"`{s}` ({n})" for s, n in sorted(sources.items()))
+    return [f"{sum(sources.values())} of the {total} records were copied from other runs with exactly this "
+            f"setting (`--reuse`): {named}. Their times were measured in those runs, so the time column mixes "
+            "runs for those cells.", ""]
+
+
 def render(suite: Suite, out_dir: Path, page: Path | None = None, command: str | None = None) -> Path:
     """Write the suite's leaderboard section into ``page`` (default ``OUT/leaderboard.md``) and its plot."""
     page = page or out_dir / "leaderboard.md"
@@ -247,6 +265,7 @@ def render(suite: Suite, out_dir: Path, page: Path | None = None, command: str |
         f"(seed {suite.bootstrap['seed']}). Score vs Full: mean over groups of the policy's mean score over Full's "
         "(groups where Full scores 0 left out). Δ NLL: the gold answer's teacher-forced negative log-likelihood "
         "per token minus Full's (nats; > 0 is worse). Time and peak KV are ratios to Full in the same run.", "",
+        *_reuse_note(records),
         f"| policy | budget | score vs Full ({level}% CI) | Δ answer NLL ({level}% CI) | mean cache | time x Full "
         "| probe share | peak KV x Full | samples |",
         "|---|---|---|---|---|---|---|---|---|",

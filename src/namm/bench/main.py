@@ -7,23 +7,26 @@ import sys
 from pathlib import Path
 
 from namm.bench.leaderboard import render
-from namm.bench.run import run_suite
+from namm.bench.run import RunCount, run_suite
 from namm.bench.suite import load_suite
 
 
 def main(suite: str, out: Path, *, model: str | None = None, page: Path | None = None, render_only: bool = False,
-         progress: bool = True) -> tuple[Path, int]:
+         progress: bool = True, reuse: tuple[Path, ...] = (), compute: bool = True) -> tuple[Path, RunCount]:
     """Run ``suite`` (a YAML path or a shipped name) into ``out`` and write its leaderboard to ``page``.
 
+    ``reuse`` and ``compute`` are :func:`namm.bench.run.run_suite`'s (copy matching records from other runs;
+    compute nothing).
+
     Returns:
-        The leaderboard page and the number of samples computed by this call (0 with ``render_only``).
+        The leaderboard page and what this call did (nothing with ``render_only``).
     """
     spec = load_suite(suite)
-    computed = 0
+    count = RunCount()
     if not render_only:
         import namm  # noqa: PLC0415
 
         mdl, tok = namm.load_model(model or spec.model)
-        computed = run_suite(spec, out, mdl, tok, progress=progress)
+        count = run_suite(spec, out, mdl, tok, progress=progress, reuse=reuse, compute=compute)
     command = "namm bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None
-    return render(spec, out, page, command=command), computed
+    return render(spec, out, page, command=command), count

@@ -6,6 +6,11 @@ and a record made with another setting (model, prompt, policy options or weights
 is refused with a message rather than reused. Cells run in order (Full, then the NAMM, then the suite's list),
 each over every group, so a partial run has whole columns of the leaderboard.
 
+Suites overlap (the standard suite's 50% cells are the held-out runs of the shipped memory): ``reuse`` names
+other runs' directories, and a sample whose record there has exactly the setting this suite would record (same
+group, cell, sample id, model, prompt, policy fingerprint, cadence, mode and gold answer) is copied in, marked
+``reused_from``, instead of being computed again. Its times were measured in that run, not this one.
+
 Each record holds the task metric (``score``) and, from the same prefill, the teacher-forced log-likelihood of
 the sample's gold answer (``answer_logprob``, ``answer_tokens``, ``answer_nll`` per token; see
 :mod:`namm.scoring`), the cache sizes and the times (``seconds`` = prefill + decoding, a probe policy's extra
@@ -15,6 +20,7 @@ forward passes included and also given as ``probe_seconds``).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,12 +139,43 @@ class _Policies:
         return self.allocations[checkpoint]
 
 
-def run_suite(suite: Suite, out_dir: Path, model, tokenizer, *, progress: bool = True) -> int:
-    """Run (or resume) every cell of ``suite`` on every group; returns the number of samples computed now."""
+@dataclass
+class RunCount:
+    """What one call of :func:`run_suite` did: samples computed, copied from another run, left to compute."""
+
+    computed: int = 0
+    reused: int = 0
+    missing: int = 0
+
+
+def _reusable(sources: list[dict[str, dict]], sample_id: str, setting: dict) -> dict | None:
+    """The first record of ``sample_id`` among other runs' records of the same cell and group whose setting is
+    exactly ``setting`` (None when no run has one)."""
+    for records in sources:
+        record = records.get(sample_id)
+        if record is not None and record.get("setting") == setting:
+            return record
+    return None
+
+
+def run_suite(suite: Suite, out_dir: Path, model, tokenizer, *, progress: bool = True,
+              reuse: Sequence[Path] = (), compute: bool = True) -> RunCount:
+    """Run (or resume) every cell of ``suite`` on every group.
+
+    Args:
+        reuse: other runs' directories; a sample whose record there has this suite's exact setting is copied
+            (with ``reused_from``: that directory) instead of computed.
+        compute: False copies what ``reuse`` offers and computes nothing (the rest is counted as missing).
+    """
+    for source in reuse:
+        if Path(source).resolve() == Path(out_dir).resolve():
+            raise NammError(f"--reuse {source} is the output directory itself; name another run's directory.")
+        if not (Path(source) / "records").is_dir():
+            raise NammError(f"--reuse {source} holds no records/ directory of a bench run.")
     groups = make_groups(suite, tokenizer)
     policies = _Policies(out_dir)
     total = len(suite.cells) * sum(len(g.samples) for g in groups)
-    computed = 0
+    count = RunCount()
     (out_dir / "records").mkdir(parents=True, exist_ok=True)
     with progress_bar(disable=not progress) as bar:
         job = bar.add_task(suite.name, total=total)
@@ -146,21 +183,30 @@ def run_suite(suite: Suite, out_dir: Path, model, tokenizer, *, progress: bool =
             for group in groups:
                 path = records_file(out_dir, group.key, cell.label)
                 done = _by_id(path)
+                sources = [_by_id(records_file(Path(d), group.key, cell.label)) for d in reuse]
                 bar.update(job, description=f"{cell.label} {group.key}")
                 for sample in group.samples:
+                    bar.advance(job)
                     policy = policies(cell, group.key, sample)
                     setting = record_setting(model, sample, policy, delay=suite.delay, chunk_size=suite.chunk_size,
                                              question_agnostic=suite.question_agnostic)
                     setting |= {"answer": _digest(gold_answer(sample, group.task)), "group": group.key}
                     if sample.id in done:
                         _refuse(path, done[sample.id], setting)
-                        bar.advance(job)
+                        continue
+                    found = _reusable(sources, sample.id, setting)
+                    if found is not None:
+                        source = next(d for d, recs in zip(reuse, sources, strict=True) if recs.get(sample.id) is found)
+                        jsonl.append_record(path, found | {"reused_from": str(source)})
+                        count.reused += 1
+                        continue
+                    if not compute:
+                        count.missing += 1
                         continue
                     record = run_sample(model, tokenizer, group.task, sample, policy, delay=suite.delay,
                                         chunk_size=suite.chunk_size, question_agnostic=suite.question_agnostic,
                                         score_answer=True)
                     record["setting"] = setting
                     jsonl.append_record(path, record)
-                    computed += 1
-                    bar.advance(job)
-    return computed
+                    count.computed += 1
+    return count
