@@ -43,7 +43,7 @@ def main() -> None:
         if "temp" in kw:
             scores = torch.tensor(json.loads(Path(scores_file).read_text())["scores"])
             alloc = HeadAllocation(tuple(map(tuple, fit_head_logits(scores, kw["temp"]).tolist())), kw.get("floor", 0))
-        t0, total, fractions = time.time(), 0.0, []
+        t0, total, fractions, peaks = time.time(), 0.0, [], []
         for s in samples:
             if name == "full":
                 policy = make_policy(name)
@@ -56,7 +56,9 @@ def main() -> None:
             out = generate(model, tok, s.prompt, policy, max_new_tokens=s.max_new_tokens, delay=128, chunk_size=128)
             total += task.score(out.text, s)
             fractions.append(out.stats.cache_fraction)
+            peaks.append(out.stats.peak_kv_bytes)
         print(f"{cfg}: {total:.1f}/{n} answered, cache {sum(fractions) / len(fractions):.3f}, "
+              f"peak KV {sum(peaks) / len(peaks) / 1e6:.1f} MB, "
               f"{time.time() - t0:.0f} s", flush=True)
 
 
