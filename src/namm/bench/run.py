@@ -148,13 +148,14 @@ class RunCount:
     missing: int = 0
 
 
-def _reusable(sources: list[dict[str, dict]], sample_id: str, setting: dict) -> dict | None:
-    """The first record of ``sample_id`` among other runs' records of the same cell and group whose setting is
-    exactly ``setting`` (None when no run has one)."""
-    for records in sources:
+def _reusable(sources: list[tuple[Path, dict[str, dict]]], sample_id: str, setting: dict) -> dict | None:
+    """The first record of ``sample_id`` among other runs' records (``(run directory, records by id)``) of the
+    same cell and group whose setting is exactly ``setting``, marked ``reused_from`` that run (None when no run
+    has one)."""
+    for source, records in sources:
         record = records.get(sample_id)
         if record is not None and record.get("setting") == setting:
-            return record
+            return record | {"reused_from": str(source)}
     return None
 
 
@@ -183,7 +184,7 @@ def run_suite(suite: Suite, out_dir: Path, model, tokenizer, *, progress: bool =
             for group in groups:
                 path = records_file(out_dir, group.key, cell.label)
                 done = _by_id(path)
-                sources = [_by_id(records_file(Path(d), group.key, cell.label)) for d in reuse]
+                sources = [(d, _by_id(records_file(Path(d), group.key, cell.label))) for d in reuse]
                 bar.update(job, description=f"{cell.label} {group.key}")
                 for sample in group.samples:
                     bar.advance(job)
@@ -196,8 +197,7 @@ def run_suite(suite: Suite, out_dir: Path, model, tokenizer, *, progress: bool =
                         continue
                     found = _reusable(sources, sample.id, setting)
                     if found is not None:
-                        source = next(d for d, recs in zip(reuse, sources, strict=True) if recs.get(sample.id) is found)
-                        jsonl.append_record(path, found | {"reused_from": str(source)})
+                        jsonl.append_record(path, found)
                         count.reused += 1
                         continue
                     if not compute:
