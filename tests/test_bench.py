@@ -138,6 +138,15 @@ def test_reconstruction_memory_suites_hold_the_issue_sizes():
     assert {c.label for c in agnostic.cells} == {c.label for c in two_k.cells} - {"adakv@0.5"}
 
 
+def test_gemma_suite_at_the_issue_bound_differs_from_the_50_percent_one_only_in_its_budget():
+    """namm-gemma-60 copies Full's records from namm-gemma (--reuse): the same model, tasks, seed, cadence and mode."""
+    half, bound = load_suite("namm-gemma"), load_suite("namm-gemma-60")
+    assert {c.budget for c in bound.cells if c.budget is not None} == {0.6}
+    assert {c.policy for c in bound.cells} == {c.policy for c in half.cells}
+    for field in ("model", "mode", "delay", "chunk_size", "tasks"):
+        assert getattr(bound, field) == getattr(half, field), field
+
+
 @pytest.mark.parametrize("path", sorted((Path(namm.__file__).parent / "suites").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_bundled_suite_loads(path):
     assert load_suite(path.stem).name == path.stem
