@@ -98,7 +98,9 @@ def recompute_attention(
     g = hq // h
     queries = layer.queries.view(b, h, g, nq, d)
     keys_t = layer.keys.float().transpose(-1, -2).contiguous()  # (B, H, D, T): one copy, sliced per block
-    hidden = None if layer.dense else ~layer.valid[:, :, None, None, :]  # (B, H, 1, 1, T)
+    # (B, H, 1, 1, T), or None when every slot is valid: a layer compacted to equal per-head budgets (every classic
+    # policy, a NAMM without head sharing) has no padding slots, and the fill would be a pass over every logit.
+    hidden = None if layer.dense or bool(layer.valid.all()) else ~layer.valid[:, :, None, None, :]
     causal = _causal(nq, layer.device)
     real = layer.real[:, layer.n_seen - nq :] if layer.padded else None
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
