@@ -26,6 +26,7 @@ Deviations from the reference (which raises when ``Q`` is not a multiple of ``ho
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -206,10 +207,14 @@ def _query_bounds(q: int, pad: int, hop: int, block: int) -> list[int]:
     return [0, *range(step - pad, q, step), q]  # pad < hop <= step, and pad + q is a multiple of hop
 
 
-def _magnitudes(spec: torch.Tensor, k: int) -> torch.Tensor:
-    """``(..., 2K, V)`` real and imaginary rows -> ``(..., K, V)`` magnitudes (no overflow: inputs are <= n_fft)."""
-    re, im = spec[..., :k, :], spec[..., k:, :]
-    return re.square().addcmul_(im, im).sqrt_()
+def _magnitudes(spec: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``(..., 2K, V)`` real and imaginary rows -> ``(..., K, V)`` magnitudes in one pass (into ``out`` if given)."""
+    return torch.hypot(spec[..., :k, :], spec[..., k:, :], out=out)
+
+
+def _scratch(buffer: torch.Tensor, *shape: int) -> torch.Tensor:
+    """A contiguous ``shape`` view of the front of a flat ``buffer`` (reused: no fresh pages per frame)."""
+    return buffer[: math.prod(shape)].view(shape)
 
 
 def streamed_spectrogram_ema(
@@ -259,6 +264,7 @@ def streamed_spectrogram_ema(
     first_new = max(t - q, 0)  # the step's queries' own tokens are its last q slots, in order
     frame = 0
     bounds = _query_bounds(q, pad, hop, block)
+    spec_buf, mag_buf = acc.new_empty(b * h * 2 * k * t), acc.new_empty(b * h * k * t)  # reused by every frame
     for i, att in enumerate(read_attention(step, bounds)):
         vis = att.shape[-1]
         if entropy_out is not None:
@@ -273,15 +279,15 @@ def streamed_spectrogram_ema(
                 lo, hi = max(start, offset), min(start + n_fft, offset + piece.shape[2])
                 if lo >= hi or piece.shape[-1] == 0:
                     continue
-                part = torch.matmul(basis[:, lo - start : hi - start], piece[:, :, lo - offset : hi - offset, :vis])
-                if spec is None and part.shape[-1] == vis:
-                    spec = part
+                rows, width = basis[:, lo - start : hi - start], piece[:, :, lo - offset : hi - offset, :vis]
+                if spec is None and width.shape[-1] == vis:
+                    spec = torch.matmul(rows, width, out=_scratch(spec_buf, b, h, 2 * k, vis))
                     continue
                 if spec is None:
-                    spec = part.new_zeros(b, h, 2 * k, vis)
-                spec[..., : part.shape[-1]] += part
+                    spec = _scratch(spec_buf, b, h, 2 * k, vis).zero_()
+                spec[..., : width.shape[-1]] += torch.matmul(rows, width)
             if spec is not None:
-                mag = _magnitudes(spec, k)  # (B, H, K, V)
+                mag = _magnitudes(spec, k, out=_scratch(mag_buf, b, h, k, vis))  # (B, H, K, V)
                 if vis > first_new:
                     late = birth_frame[:, :, first_new:vis] > frame
                     mag[..., first_new:].masked_fill_(late[:, :, None, :], 0.0)
