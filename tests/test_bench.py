@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -450,3 +451,15 @@ def test_bench_cli_reuses_another_run_and_says_what_it_copied(model_dir, tmp_pat
     assert "copied from other runs" not in (first / "leaderboard.md").read_text()
     res = CliRunner().invoke(app, [*base, "--out", str(second), "--reuse", str(tmp_path / "nowhere")])
     assert res.exit_code == 2 and "holds no records" in res.output and "Traceback" not in res.output
+    # a run directory belongs to its suite: another suite neither renders over it nor runs into it
+    other = tmp_path / "other.yaml"
+    other.write_text(re.sub(r"(?m)^name: .*$", "name: other", (Path(namm.__file__).parent / "suites/quick.yaml")
+                            .read_text()))
+    page_before = (first / "leaderboard.md").read_text()
+    for extra in (["--render-only"], []):
+        res = CliRunner().invoke(app, ["bench", "--suite", str(other), "--model", str(model_dir), "--no-progress",
+                                       "--out", str(first), *extra])
+        assert res.exit_code == 2 and "holds the run of suite 'quick'" in " ".join(res.output.split())
+        assert "Traceback" not in res.output
+    assert (first / "leaderboard.md").read_text() == page_before
+    assert (first / "SUITE").read_text() == "quick\n"
