@@ -10,6 +10,7 @@ per (cell, sample) with the task score and the gold answer's NLL. Resumable.
         --cells full,namm,recent128,streaming --out runs/recent-window
 
 Measured (docs/namm.md): Full 0.74, memory 0.51, recent128 0.43, StreamingLLM 0.42 on 5 tasks x 4 samples.
+Session 12 added ``shareP`` cells (the newest P% of each step's budget protected, the rest by the memory's score).
 """
 
 from __future__ import annotations
@@ -29,12 +30,15 @@ from namm.tasks import get_task
 
 
 class RecentWindowNAMM(NAMM):
-    """The memory, with the newest ``window`` tokens of every step scored above every other token."""
+    """The memory, with the newest ``window`` tokens of every step scored above every other token; with ``share``,
+    the window is that share of the step's budget instead (H2O's ``recent_ratio``: the rest goes by score)."""
 
     window = 128
+    share: float | None = None
 
     def score(self, step: MemoryStep) -> torch.Tensor:
-        return protect(super().score(step), recent_mask(step, self.window))
+        window = self.window if self.share is None else int(self.budget_tokens(step).max() * self.share)
+        return protect(super().score(step), recent_mask(step, window))
 
 
 def make(cell: str):
@@ -48,7 +52,12 @@ def make(cell: str):
         policy = RecentWindowNAMM.from_pretrained("smollm2-135m", budget=0.5)
         policy.window = int(cell[6:])
         return policy
-    raise SystemExit(f"unknown cell {cell!r}: use full, namm, streaming or recentW (W tokens, e.g. recent128).")
+    if cell.startswith("share") and cell[5:].isdigit():
+        policy = RecentWindowNAMM.from_pretrained("smollm2-135m", budget=0.5)
+        policy.share = int(cell[5:]) / 100
+        return policy
+    raise SystemExit(f"unknown cell {cell!r}: use full, namm, streaming, recentW (W tokens, e.g. recent128) or "
+                     "shareP (P% of each step's budget, e.g. share50).")
 
 
 def main() -> None:
