@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -453,8 +452,7 @@ def test_bench_cli_reuses_another_run_and_says_what_it_copied(model_dir, tmp_pat
     assert res.exit_code == 2 and "holds no records" in res.output and "Traceback" not in res.output
     # a run directory belongs to its suite: another suite neither renders over it nor runs into it
     other = tmp_path / "other.yaml"
-    other.write_text(re.sub(r"(?m)^name: .*$", "name: other", (Path(namm.__file__).parent / "suites/quick.yaml")
-                            .read_text()))
+    other.write_text(yaml.safe_dump(yaml.safe_load(load_suite("quick").path.read_text()) | {"name": "other"}))
     page_before = (first / "leaderboard.md").read_text()
     for extra in (["--render-only"], []):
         res = CliRunner().invoke(app, ["bench", "--suite", str(other), "--model", str(model_dir), "--no-progress",
