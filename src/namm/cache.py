@@ -149,6 +149,16 @@ class MemoryCache(Cache):
         b, h, t = layer.keys.shape[:3]
         return self._due(layer) and b * h * q * t <= ATTENTION_CHUNK_ELEMENTS
 
+    def append(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append precomputed ``(B, H, Q, D)`` keys and values to managed layer ``layer_idx`` with no attention call
+        (a replay of a recorded run, :mod:`namm.evolution.replay`); memory steps that fall due wait for
+        :meth:`run_due_steps`."""
+        layer = self.layers[layer_idx]
+        if not isinstance(layer, EvictingLayer):
+            raise NammError(f"Layer {layer_idx} is not managed by namm; only managed layers take appended keys.")
+        layer.update(keys, values)
+        self._account(layer)
+
     def _slot_mask_for(self, layer: EvictingLayer):
         def slot_mask(q: int, real: torch.Tensor | None) -> torch.Tensor | None:
             if real is not None:

@@ -461,9 +461,9 @@ def evolve(
 
         from namm.evolution import evolve as run_evolution  # noqa: PLC0415
         from namm.evolution.lm import (  # noqa: PLC0415
-            LMEvaluator,
             LMEvaluatorFactory,
             checkpoint_writer,
+            make_evaluator,
             prepare_normalisation,
         )
 
@@ -471,7 +471,7 @@ def evolve(
             factory = LMEvaluatorFactory(recipe.to_dict(), str(directory))
             evaluator = None
         else:
-            evaluator = LMEvaluator(recipe, directory)
+            evaluator = make_evaluator(recipe, directory)
             factory = lambda: evaluator  # noqa: E731 - one model replica in this process
 
         def prepare(path: Path) -> None:

@@ -257,14 +257,15 @@ def probe_step(model, tokenizer, cache: MemoryCache, history: torch.Tensor, fina
     return seconds
 
 
-def _answer_ids(tokenizer, answer: str, max_tokens: int | None) -> torch.Tensor:
+def encode_answer(tokenizer, answer: str, max_tokens: int | None = None) -> torch.Tensor:
+    """``(1, A)`` ids of a gold answer as :func:`generate` scores it (no special tokens, at most ``max_tokens``)."""
     ids = tokenizer(answer, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :max_tokens]
     if ids.shape[1] == 0:
         raise NammError(f"The gold answer {answer!r} has no tokens to score.")
     return ids
 
 
-def _score_answer(model, cache: MemoryCache, last_logits: torch.Tensor, ids: torch.Tensor) -> list[AnswerScore]:
+def score_answer(model, cache: MemoryCache, last_logits: torch.Tensor, ids: torch.Tensor) -> list[AnswerScore]:
     """Teacher-force answer ``ids`` ``(1, A)`` against ``cache`` (taken out again) in every row; ``last_logits``
     ``(B, V)`` predict the first of them. One :class:`AnswerScore` per row."""
     ids = ids.to(last_logits.device).expand(last_logits.shape[0], -1)
@@ -357,7 +358,7 @@ def generate(
     b, n = input_ids.shape
     if n == 0:
         raise NammError("Empty prompt: it has no tokens.")
-    answer_ids = None if answer is None else _answer_ids(tokenizer, answer, max_answer_tokens)
+    answer_ids = None if answer is None else encode_answer(tokenizer, answer, max_answer_tokens)
     limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
     if limit and answer_ids is not None and n + answer_ids.shape[1] > limit:
         raise NammError(f"The prompt ({n} tokens) plus the answer to score ({answer_ids.shape[1]} tokens) exceeds the "
@@ -429,7 +430,7 @@ def generate(
     prefill_seconds = time.perf_counter() - t0
     scored = None
     if answer_ids is not None:
-        scored = _score_answer(model, cache, logits, answer_ids)
+        scored = score_answer(model, cache, logits, answer_ids)
 
     eos = set() if ignore_eos else _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos), 0)

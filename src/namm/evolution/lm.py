@@ -147,11 +147,12 @@ class LMEvaluator:
     def sample_pool(self, task: str, split: str) -> list[str]:
         t = self.task(task)
         prefix = "t" if split == "train" else "v"
+        limit = self.recipe.train_pool if split == "train" and self.recipe.train_pool else None
         if not isinstance(t, LongBenchTask):  # generated from a seed: unbounded pools
-            return [f"{prefix}{i}" for i in range(SYNTHETIC_POOL)]
+            return [f"{prefix}{i}" for i in range(limit or SYNTHETIC_POOL)]
         rows = t.samples(10**9, seed=0, tokenizer=self.tokenizer)
         is_val = [zlib.crc32(s.id.encode()) % 4 == 0 for s in rows]
-        return [f"{prefix}{i}" for i, s in enumerate(rows) if is_val[i] == (split != "train")]
+        return [f"{prefix}{i}" for i, s in enumerate(rows) if is_val[i] == (split != "train")][:limit]
 
     def sample(self, task: str, sample_id: str) -> Sample:
         key = (task, sample_id)
@@ -261,7 +262,17 @@ class LMEvaluatorFactory:
 
     def __call__(self) -> LMEvaluator:
         torch.set_num_threads(max(1, torch.get_num_threads()))
-        return LMEvaluator(Recipe.from_dict(self.recipe), self.run_dir)
+        return make_evaluator(Recipe.from_dict(self.recipe), self.run_dir)
+
+
+def make_evaluator(recipe: Recipe, run_dir: str | Path, model=None, tokenizer=None) -> LMEvaluator:
+    """The recipe's evaluator: exact (:class:`LMEvaluator`), or replay for training samples
+    (:class:`~namm.evolution.replay.ReplayEvaluator`) when ``replay_recompute`` is set."""
+    if recipe.replay_recompute:
+        from namm.evolution.replay import ReplayEvaluator  # noqa: PLC0415 - replay imports this module
+
+        return ReplayEvaluator(recipe, run_dir, model, tokenizer)
+    return LMEvaluator(recipe, run_dir, model, tokenizer)
 
 
 def prepare_normalisation(recipe: Recipe, run_dir: Path, samples_per_task: int = 8, evaluator=None) -> None:

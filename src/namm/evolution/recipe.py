@@ -20,6 +20,9 @@ Example::
     csa: false                    # true: cumulative step-size adaptation (the reference's) at any dimension
     device: cpu                   # torch device of the model ("cuda", "cuda:1", "mps"; "auto": cuda when present)
     dtype: float32                # model dtype (float32, bfloat16, float16)
+    train_pool: 0                 # > 0: training samples per task (a finite pool, so replay recordings are reused)
+    replay_recompute: 0           # > 0: score training samples by replay (namm.evolution.replay), recomputing at
+                                  #      least this many of the prompt's last tokens; validation stays exact
     backend: local                # or "ray"
     ray: {address: null, num_workers: 2, num_cpus_per_worker: 1, num_gpus_per_worker: 0}
     stages:
@@ -133,6 +136,8 @@ class Recipe:
     csa: bool = False
     device: str = "cpu"
     dtype: str = "float32"
+    train_pool: int = 0
+    replay_recompute: int = 0
 
     @property
     def total_generations(self) -> int:
@@ -182,6 +187,8 @@ class Recipe:
             csa=f.flag("csa", False),
             device=f.text("device", "cpu"),
             dtype=f.text("dtype", "float32"),
+            train_pool=f.integer("train_pool", 0, minimum=0),
+            replay_recompute=f.integer("replay_recompute", 0, minimum=0),
         )
         f.finish()
         if recipe.dtype not in DTYPES:
@@ -211,6 +218,9 @@ class Recipe:
             raise NammError(
                 f"recipe field 'members_per_batch': {recipe.members_per_batch} exceeds population {recipe.population}."
             )
+        if recipe.replay_recompute and recipe.metric != "margin":
+            raise NammError(f"recipe field 'replay_recompute': replay scores the gold answer's margins; set metric: "
+                            f"margin (got {recipe.metric!r}).")
         if recipe.validation is not None and recipe.validation_seed == recipe.seed:
             raise NammError(f"recipe field 'validation.seed': must differ from the training seed {recipe.seed}.")
         return recipe

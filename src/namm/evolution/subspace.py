@@ -13,6 +13,7 @@ writes it into a copy of the full start vector.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,8 @@ class Subspace:
 
     Args:
         config: the NAMM configuration (defines the flat layout, :func:`namm.memory.bam.param_shapes`).
-        groups: names of the searched groups (e.g. ``["head_weight", "depth_logits"]``); empty: all.
+        groups: names of the searched groups (e.g. ``["head_weight", "depth_logits"]``), or of a range of one
+            (``"head_weight[25:27]"``: its entries 25 and 26); empty: all.
         start: ``{group: values}`` start values (flattened row-major); unnamed groups start at zero.
     """
 
@@ -39,7 +41,8 @@ class Subspace:
             offset += size
         self.n_full = offset
         groups = list(groups or layout)
-        unknown = [g for g in [*groups, *(start or {})] if g not in layout]
+        spans = [_span(g, layout) for g in groups]
+        unknown = [g for g in start or {} if g not in layout]
         if unknown:
             raise NammError(f"search: unknown parameter group {unknown[0]!r}; this NAMM has {list(layout)}.")
         self.full_start = np.zeros(self.n_full)
@@ -49,9 +52,11 @@ class Subspace:
             if v.shape != (size,) or not np.all(np.isfinite(v)):
                 raise NammError(f"search.start.{name}: expected {size} finite values, got {v.size}.")
             self.full_start[lo : lo + size] = v
-        order = sorted(set(groups), key=lambda g: layout[g][0])
-        self.groups = order
-        self.index = np.concatenate([np.arange(layout[g][0], sum(layout[g])) for g in order])
+        order = sorted(set(zip(groups, spans, strict=True)), key=lambda gs: gs[1])
+        self.groups = [g for g, _ in order]
+        self.index = np.concatenate([np.arange(lo, hi) for _, (lo, hi) in order])
+        if np.unique(self.index).size != self.index.size:
+            raise NammError(f"search.groups: {groups} name some parameters twice.")
 
     @classmethod
     def from_recipe(cls, config: NAMMConfig, search: dict[str, Any]) -> Subspace:
@@ -79,6 +84,21 @@ class Subspace:
         out = np.broadcast_to(self.full_start, (*x.shape[:-1], self.n_full)).copy()
         out[..., self.index] = x
         return out
+
+
+def _span(group: str, layout: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """``"name"`` or ``"name[lo:hi]"`` (entries ``lo .. hi - 1`` of the flattened group) -> flat ``(start, end)``."""
+    m = re.fullmatch(r"(\w+)(?:\[(\d*):(\d*)\])?", group)
+    if m is None or m.group(1) not in layout:
+        name = m.group(1) if m else group
+        raise NammError(f"search: unknown parameter group {name!r}; this NAMM has {list(layout)} (a part of one: "
+                        "'head_weight[25:27]').")
+    offset, size = layout[m.group(1)]
+    lo = int(m.group(2) or 0)
+    hi = size if m.group(3) in (None, "") else int(m.group(3))
+    if not 0 <= lo < hi <= size:
+        raise NammError(f"search: {group!r} is not a non-empty range of the {size} entries of {m.group(1)!r}.")
+    return offset + lo, offset + hi
 
 
 __all__ = ["Subspace"]

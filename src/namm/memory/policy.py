@@ -202,7 +202,9 @@ class NAMM(Policy):
                     "run one population member per batch row."
                 )
             params = self.population
-        if self.config.reconstruction_feature:
+        if self.config.reconstruction_feature and (step.probe is not None or RECONSTRUCTION_KEY not in step.state):
+            # a step without a probe reads the scores its state already holds (a replay of a recorded run,
+            # namm.evolution.replay); the first step of a run without namm's engine has neither and says so
             reconstruction_scores(step, RECONSTRUCTION_SINKS, RECONSTRUCTION_KEY, "A NAMM with reconstruction_feature")
         attention = self.request.attention
         features, ema, carry = step_features(
