@@ -400,6 +400,31 @@ def test_the_learned_memory_is_paired_against_every_policy_at_its_budget(tmp_pat
     assert "The learned memory against every other policy" in text and "| namm@0.5 | 50% | kvzip@0.5 |" in text
 
 
+def test_two_learned_memories_are_paired_once_the_first_listed_first(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "toy", "baselines": ["streaming"],
+        "tasks": [{"task": "passkey", "lengths": [64], "samples": 12}],
+        "policies": ["full", {"name": "namm", "budgets": [0.5], "label": "evolved"},
+                     {"name": "namm", "budgets": [0.5]}, {"name": "streaming", "budgets": [0.5]}],
+    }))
+    suite = load_suite(path)
+    hits = {"full": [1] * 12, "evolved@0.5": [1] * 12, "namm@0.5": [1] * 10 + [0] * 2, "streaming@0.5": [0] * 12}
+    for group in group_keys(suite):
+        for label, row in hits.items():
+            file = records_file(tmp_path, group, label)
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text("".join(json.dumps({
+                "id": str(i), "score": float(h), "answer_nll": 1.0, "cache_fraction": 0.5, "seconds": 1.0,
+                "peak_kv_bytes": 100}) + "\n" for i, h in enumerate(row)))
+    records = load_records(suite, tmp_path)
+    rows, _ = summarise(suite, records)
+    pairs = [(c.cell.label, c.baseline.label) for c in learned_comparisons(suite, records, rows)]
+    assert pairs == [("evolved@0.5", "namm@0.5"), ("evolved@0.5", "streaming@0.5"), ("namm@0.5", "streaming@0.5")]
+    first = learned_comparisons(suite, records, rows)[0]
+    assert (first.paired.wins, first.paired.ties, first.paired.losses) == (2, 10, 0)
+
+
 def test_records_of_another_run_are_reused_only_when_their_setting_is_exactly_this_suites(llama, tokenizer,
                                                                                            tmp_path):
     from namm.bench import run_suite

@@ -137,12 +137,17 @@ def _paired(suite: Suite, records: dict, cell: Cell, baseline: Cell) -> Comparis
 
 
 def learned_comparisons(suite: Suite, records: dict, rows: list[Row]) -> list[Comparison]:
-    """Every NAMM cell against every other (non-Full, non-NAMM) cell at the same budget, paired."""
+    """Every NAMM cell against every other non-Full cell at the same budget, paired; two NAMM cells (e.g. an evolved
+    memory and the one it started from) once, the one listed first in the suite first."""
     out = []
-    for mine in (r for r in rows if r.cell.policy == "namm"):
+    namms = [r for r in rows if r.cell.policy == "namm"]
+    for i, mine in enumerate(namms):
         for other in rows:
-            if other.cell.policy not in ("namm", "full") and other.cell.budget_text == mine.cell.budget_text:
-                out.append(_paired(suite, records, mine.cell, other.cell))
+            if other.cell.policy == "full" or other.cell.budget_text != mine.cell.budget_text:
+                continue
+            if other.cell.policy == "namm" and namms.index(other) <= i:
+                continue
+            out.append(_paired(suite, records, mine.cell, other.cell))
     return out
 
 
