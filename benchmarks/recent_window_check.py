@@ -10,7 +10,8 @@ per (cell, sample) with the task score and the gold answer's NLL. Resumable.
         --cells full,namm,recent128,streaming --out runs/recent-window
 
 Measured (docs/namm.md): Full 0.74, memory 0.51, recent128 0.43, StreamingLLM 0.42 on 5 tasks x 4 samples.
-Session 12 added ``shareP`` cells (the newest P% of each step's budget protected, the rest by the memory's score).
+Session 12 added ``shareP`` cells (the newest P% of each step's budget protected, the rest by the memory's score),
+session 13 ``ckpt=DIR`` cells (another NAMM checkpoint at 50%, e.g. the evolved memory with its depth allocation).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def make(cell: str):
         return NAMM.from_pretrained("smollm2-135m", budget=0.5)
     if cell == "streaming":
         return StreamingLLM(budget=0.5)
+    if cell.startswith("ckpt="):  # another NAMM checkpoint at the same budget (e.g. an evolved one)
+        return NAMM.from_pretrained(cell[5:], budget=0.5)
     if cell.startswith("recent") and cell[6:].isdigit():
         policy = RecentWindowNAMM.from_pretrained("smollm2-135m", budget=0.5)
         policy.window = int(cell[6:])
@@ -56,8 +59,8 @@ def make(cell: str):
         policy = RecentWindowNAMM.from_pretrained("smollm2-135m", budget=0.5)
         policy.share = int(cell[5:]) / 100
         return policy
-    raise SystemExit(f"unknown cell {cell!r}: use full, namm, streaming, recentW (W tokens, e.g. recent128) or "
-                     "shareP (P% of each step's budget, e.g. share50).")
+    raise SystemExit(f"unknown cell {cell!r}: use full, namm, streaming, recentW (W tokens, e.g. recent128), "
+                     "shareP (P% of each step's budget, e.g. share50) or ckpt=DIR (a NAMM checkpoint at 50%).")
 
 
 def main() -> None:
