@@ -230,3 +230,25 @@ def test_question_agnostic_mode_compresses_before_the_question(llama, tokenizer)
     full = namm.generate(llama, tokenizer, context, Full(), max_new_tokens=3, delay=32, question=question)
     joint = namm.generate(llama, tokenizer, context + question, Full(), max_new_tokens=3, delay=32)
     assert full.token_ids == joint.token_ids
+
+
+def test_a_cache_is_freed_as_soon_as_nothing_refers_to_it(llama, tokenizer):
+    """No reference cycle keeps a cache (its keys and values) alive until the cyclic garbage collector runs: a
+    population evaluation makes one per call, gigabytes each."""
+    import gc  # noqa: PLC0415
+    import weakref  # noqa: PLC0415
+
+    ids = tokenizer(random_prompt(80, seed=2), return_tensors="pt")["input_ids"]
+    gc.collect()
+    gc.disable()
+    try:
+        cache = namm.MemoryCache(llama, SnapKV(budget=16), delay=32)
+        llama(input_ids=ids, use_cache=True, **with_cache(llama, cache))
+        assert cache.stats.steps  # memory steps ran through the attention callbacks
+        ref = weakref.ref(cache)
+        del cache
+        assert ref() is None
+        out = namm.generate(llama, tokenizer, random_prompt(80, seed=3), H2O(budget=16), max_new_tokens=2, delay=32)
+        assert out.stats.steps
+    finally:
+        gc.enable()

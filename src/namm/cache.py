@@ -29,6 +29,7 @@ several batch rows in :mod:`namm.evolution.population`), and the batch methods t
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -168,20 +169,24 @@ class MemoryCache(Cache):
         return slot_mask
 
     def _attended_by(self, layer: EvictingLayer):
+        # a weak reference: the cache holds this callback, so a strong one would make a reference cycle, and every
+        # cache (gigabytes of keys and values in a population) would wait for the cyclic garbage collector
+        cache = weakref.proxy(self)
+
         def attended(query: torch.Tensor, softcap: float | None, weights: torch.Tensor | None = None) -> None:
             if softcap is not None:
-                self.softcap[layer.layer_idx] = softcap
-            if self.probing:
-                if self.capture_probe:
+                cache.softcap[layer.layer_idx] = softcap
+            if cache.probing:
+                if cache.capture_probe:
                     layer.keep_probe_queries(query)
                 return
-            queries = self.policy.request.queries
+            queries = cache.policy.request.queries
             if queries is not None:
                 layer.keep_queries(query, None if queries == ALL_QUERIES else queries)
-            if not self._held and self._due(layer):
+            if not cache._held and cache._due(layer):
                 if weights is not None and (layer.queries is None or weights.shape[2] != layer.queries.shape[2]):
                     weights = None  # not the step's queries: it recomputes
-                self._step(layer, weights)
+                cache._step(layer, weights)
 
         return attended
 

@@ -264,7 +264,7 @@ class ReplayEvaluator(LMEvaluator):
             path.parent.mkdir(parents=True, exist_ok=True)
             rec.save(path, meta)
             self.record_seconds += time.perf_counter() - t0
-        if len(self._recordings) >= 64:  # bound the memory: forget the oldest
+        if len(self._recordings) >= 16:  # bound the memory (about 95 MB each at 2k): forget the oldest
             self._recordings.pop(next(iter(self._recordings)))
         self._recordings[key] = rec
         return rec
