@@ -183,7 +183,7 @@ def plot_pareto(rows: Sequence[Row], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     by_policy: dict[str, list[Row]] = {}
     for row in rows:
-        by_policy.setdefault(row.cell.policy, []).append(row)
+        by_policy.setdefault(row.cell.name, []).append(row)
     for ax, what, label in ((axes[0], "relative", "score / Full (95% CI)"),
                             (axes[1], "nll", "Δ answer NLL vs Full, nats/token (95% CI)")):
         for policy, prs in by_policy.items():
@@ -194,7 +194,8 @@ def plot_pareto(rows: Sequence[Row], path: Path, title: str) -> None:
             est = np.array([iv.estimate for iv in ivs])
             low = np.array([iv.low if not math.isnan(iv.low) else iv.estimate for iv in ivs])
             high = np.array([iv.high if not math.isnan(iv.high) else iv.estimate for iv in ivs])
-            fmt = "*" if policy == "full" else ("*-" if policy == "namm" else "o-")
+            kind = prs[0].cell.policy
+            fmt = "*" if kind == "full" else ("*-" if kind == "namm" else "o-")
             ax.errorbar([r.cache for r in prs], est, yerr=[est - low, high - est], fmt=fmt, capsize=3,
                         label=policy, markersize=9 if fmt == "*" else 5)
         ax.set_xlabel("mean KV cache / full cache")
@@ -276,7 +277,7 @@ def render(suite: Suite, out_dir: Path, page: Path | None = None, command: str |
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r.cell.policy} | {r.cell.budget_text} | {_interval(r.relative)} | "
+        lines.append(f"| {r.cell.name} | {r.cell.budget_text} | {_interval(r.relative)} | "
                      f"{_interval(r.nll, signed=True)} | {r.cache:.0%} | {r.time:.2f} | "
                      f"{_fmt(r.probe_share, '.0%') if r.probe_share else '-'} | {r.peak:.2f} | {r.samples} |")
     if comparisons:
@@ -285,7 +286,7 @@ def render(suite: Suite, out_dir: Path, page: Path | None = None, command: str |
                   "difference at this level), and per-sample wins / ties / losses.", "",
                   f"| policy | budget | best baseline | difference ({level}% CI) | wins | ties | losses | samples |",
                   "|---|---|---|---|---|---|---|---|"]
-        lines += [_paired_line(c, c.cell.policy) for c in comparisons]
+        lines += [_paired_line(c, c.cell.name) for c in comparisons]
     learned = learned_comparisons(suite, records, rows)
     if learned:
         lines += ["", "The learned memory against every other policy at the same budget, paired the same way.", "",
@@ -301,7 +302,7 @@ def render(suite: Suite, out_dir: Path, page: Path | None = None, command: str |
                      if g in full_rows else "" for g in groups]
         else:
             cells = [_fmt(r.per_group[g]) if g in r.per_group else "" for g in groups]
-        lines.append(f"| {r.cell.policy} | {r.cell.budget_text} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r.cell.name} | {r.cell.budget_text} | " + " | ".join(cells) + " |")
     if rows:
         plot_pareto(rows, image, f"{suite.name}: {model}, {suite.mode} mode")
         lines += ["", f"![{suite.name} Pareto plot]({image.relative_to(page.parent).as_posix()})"]

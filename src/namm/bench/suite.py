@@ -76,6 +76,11 @@ class Cell:
     allocation: str | None = None
 
     @property
+    def name(self) -> str:
+        """The label without its budget (``namm-evolved`` for ``namm-evolved@0.5``): what a table row is called."""
+        return self.label.split("@", 1)[0]
+
+    @property
     def budget_text(self) -> str:
         b = self.budget
         if b is None:
