@@ -370,6 +370,18 @@ def test_question_agnostic_suite_compresses_once_after_the_context(llama, tokeni
     assert res.exit_code == 2 and "no shipped suite" in res.output and "Traceback" not in res.output
 
 
+def _write_scores(suite, out, hits: dict[str, list[int]]) -> dict:
+    """Write one record per sample with these scores for every cell label and group of ``suite``; load them back."""
+    for group in group_keys(suite):
+        for label, row in hits.items():
+            file = records_file(out, group, label)
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text("".join(json.dumps({
+                "id": str(i), "score": float(h), "answer_nll": 1.0, "cache_fraction": 0.5, "seconds": 1.0,
+                "peak_kv_bytes": 100}) + "\n" for i, h in enumerate(row)))
+    return load_records(suite, out)
+
+
 def test_the_learned_memory_is_paired_against_every_policy_at_its_budget(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({
@@ -381,14 +393,7 @@ def test_the_learned_memory_is_paired_against_every_policy_at_its_budget(tmp_pat
     suite = load_suite(path)
     hits = {"full": [1] * 12, "namm@0.5": [1] * 11 + [0], "streaming@0.5": [1] * 6 + [0] * 6,
             "streaming@0.25": [0] * 12, "kvzip@0.5": [1] * 12}
-    for group in group_keys(suite):
-        for label, row in hits.items():
-            file = records_file(tmp_path, group, label)
-            file.parent.mkdir(parents=True, exist_ok=True)
-            file.write_text("".join(json.dumps({
-                "id": str(i), "score": float(h), "answer_nll": 1.0, "cache_fraction": 0.5, "seconds": 1.0,
-                "peak_kv_bytes": 100}) + "\n" for i, h in enumerate(row)))
-    records = load_records(suite, tmp_path)
+    records = _write_scores(suite, tmp_path, hits)
     rows, _ = summarise(suite, records)
     learned = {c.baseline.label: c for c in learned_comparisons(suite, records, rows)}
     assert set(learned) == {"streaming@0.5", "kvzip@0.5"}  # same budget only, never Full or itself
@@ -410,14 +415,7 @@ def test_two_learned_memories_are_paired_once_the_first_listed_first(tmp_path):
     }))
     suite = load_suite(path)
     hits = {"full": [1] * 12, "evolved@0.5": [1] * 12, "namm@0.5": [1] * 10 + [0] * 2, "streaming@0.5": [0] * 12}
-    for group in group_keys(suite):
-        for label, row in hits.items():
-            file = records_file(tmp_path, group, label)
-            file.parent.mkdir(parents=True, exist_ok=True)
-            file.write_text("".join(json.dumps({
-                "id": str(i), "score": float(h), "answer_nll": 1.0, "cache_fraction": 0.5, "seconds": 1.0,
-                "peak_kv_bytes": 100}) + "\n" for i, h in enumerate(row)))
-    records = load_records(suite, tmp_path)
+    records = _write_scores(suite, tmp_path, hits)
     rows, _ = summarise(suite, records)
     pairs = [(c.cell.label, c.baseline.label) for c in learned_comparisons(suite, records, rows)]
     assert pairs == [("evolved@0.5", "namm@0.5"), ("evolved@0.5", "streaming@0.5"), ("namm@0.5", "streaming@0.5")]
