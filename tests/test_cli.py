@@ -198,6 +198,8 @@ def test_evolve_recipe_mistakes_leave_no_run_directory(no_model, tmp_path):
     recipe.write_text(yaml.safe_dump(base))
     refused(["evolve", "--config", str(tmp_path)], "is a directory")
     refused(["evolve", "--config", str(recipe), "--resume", str(tmp_path / "none")], "holds no evolution run")
+    refused(["evolve", "--resume", str(tmp_path / "none")], "holds no evolution run")  # its recipe.yaml by default
+    refused(["evolve"], "Give --config")
     assert no_model == []
 
 

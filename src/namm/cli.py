@@ -435,7 +435,8 @@ def bench(
 
 @app.command()
 def evolve(
-    config: Path = typer.Option(..., "--config", help="Recipe YAML (see docs/evolution.md)."),
+    config: Path = typer.Option(None, "--config", help="Recipe YAML (see docs/evolution.md); with --resume, "
+                                "the run's own recipe.yaml by default."),
     run_dir: Path = typer.Option(None, help="Run directory (default: runs/<recipe name>)."),
     resume: Path = typer.Option(None, help="Resume the run in this directory from its last finished generation."),
     progress: bool = typer.Option(True, help="Show progress bars (on stderr)."),
@@ -445,13 +446,20 @@ def evolve(
     def body():
         from namm.evolution.recipe import check_recipe, load_recipe  # noqa: PLC0415
 
-        if not config.is_file():
-            raise NammError(f"--config {config} {'is a directory' if config.is_dir() else 'does not exist'}.")
         if resume is not None and run_dir is not None and resume != run_dir:
             raise NammError("Give either --run-dir (a new run) or --resume (an existing run's directory), not both.")
-        recipe = load_recipe(config)
+        recipe_file = config
+        if recipe_file is None:
+            if resume is None:
+                raise NammError("Give --config RECIPE.yaml (a new run) or --resume RUN_DIR (an existing run).")
+            recipe_file = resume / "recipe.yaml"
+            if not recipe_file.is_file():
+                raise NammError(f"--resume {resume} holds no evolution run (no recipe.yaml).")
+        if not recipe_file.is_file():
+            raise NammError(f"--config {recipe_file} {'is a directory' if recipe_file.is_dir() else 'does not exist'}.")
+        recipe = load_recipe(recipe_file)
         check_recipe(recipe)  # before the run directory exists, so a corrected recipe can start there
-        directory = resume or run_dir or Path("runs") / config.stem
+        directory = resume or run_dir or Path("runs") / recipe_file.stem
         if resume is not None and not (resume / "recipe.yaml").is_file():
             raise NammError(f"--resume {resume} holds no evolution run (no recipe.yaml).")
         if resume is None and (directory / "recipe.yaml").exists():
