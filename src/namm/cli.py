@@ -448,20 +448,16 @@ def evolve(
 
         if resume is not None and run_dir is not None and resume != run_dir:
             raise NammError("Give either --run-dir (a new run) or --resume (an existing run's directory), not both.")
-        recipe_file = config
-        if recipe_file is None:
-            if resume is None:
-                raise NammError("Give --config RECIPE.yaml (a new run) or --resume RUN_DIR (an existing run).")
-            recipe_file = resume / "recipe.yaml"
-            if not recipe_file.is_file():
-                raise NammError(f"--resume {resume} holds no evolution run (no recipe.yaml).")
+        if resume is not None and not (resume / "recipe.yaml").is_file():
+            raise NammError(f"--resume {resume} holds no evolution run (no recipe.yaml).")
+        if config is None and resume is None:
+            raise NammError("Give --config RECIPE.yaml (a new run) or --resume RUN_DIR (an existing run).")
+        recipe_file = config if config is not None else resume / "recipe.yaml"
         if not recipe_file.is_file():
             raise NammError(f"--config {recipe_file} {'is a directory' if recipe_file.is_dir() else 'does not exist'}.")
         recipe = load_recipe(recipe_file)
         check_recipe(recipe)  # before the run directory exists, so a corrected recipe can start there
         directory = resume or run_dir or Path("runs") / recipe_file.stem
-        if resume is not None and not (resume / "recipe.yaml").is_file():
-            raise NammError(f"--resume {resume} holds no evolution run (no recipe.yaml).")
         if resume is None and (directory / "recipe.yaml").exists():
             raise NammError(f"{directory} already holds an evolution run; resume it (--resume {directory}) or "
                             "choose another --run-dir.")
