@@ -253,7 +253,7 @@ def test_quick_suite_runs_end_to_end_and_resumes(model_dir, tmp_path):
     page = (out / "leaderboard.md").read_text()
     for cell in suite.cells:
         assert f"| {cell.policy} | {cell.budget_text} |" in page
-    assert "| full | 100% | n/a | +0.00 [+0.00, +0.00] | 100% | 1.00 | - | 1.00 | 8 |" in page
+    assert "| full | 100% | n/a | +0.00 [+0.00, +0.00] | 1.00 [1.00, 1.00] | 100% | 1.00 | - | 1.00 | 8 |" in page
     assert (out / "leaderboard" / "quick-pareto.png").stat().st_size > 5000
     # a second run computes nothing; a run with another setting is refused without touching the records
     before = {p: p.read_bytes() for p in (out / "records").iterdir()}
@@ -484,3 +484,47 @@ def test_bench_cli_reuses_another_run_and_says_what_it_copied(model_dir, tmp_pat
         assert "Traceback" not in res.output
     assert (first / "leaderboard.md").read_text() == page_before
     assert (first / "SUITE").read_text() == "quick\n"
+
+
+def test_same_output_as_full_is_the_share_of_word_for_word_equal_generations(tmp_path):
+    """Full against itself is exactly 1 [1, 1]; a cell's share is the mean over groups; pairs are differenced."""
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "toy", "baselines": ["streaming"],
+        "tasks": [{"task": "passkey", "lengths": [64], "samples": 10},
+                  {"task": "niah_single", "lengths": [64], "samples": 10}],
+        "policies": ["full", {"name": "namm", "budgets": [0.5]}, {"name": "streaming", "budgets": [0.5]}],
+    }))
+    suite = load_suite(path)
+    same = {"full": [True] * 10, "namm@0.5": [True] * 8 + [False] * 2, "streaming@0.5": [True] * 3 + [False] * 7}
+    for group in group_keys(suite):
+        for label, row in same.items():
+            file = records_file(tmp_path, group, label)
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text("".join(json.dumps({
+                "id": str(i), "score": 1.0, "answer_nll": 1.0, "cache_fraction": 0.5, "seconds": 1.0,
+                "peak_kv_bytes": 100, "prediction": f" answer {i}\n" if s else f"answer {i + 1}"}) + "\n"
+                for i, s in enumerate(row)))
+    records = load_records(suite, tmp_path)
+    rows, comparisons = summarise(suite, records)
+    by = {r.cell.label: r for r in rows}
+    assert (by["full"].same.estimate, by["full"].same.low, by["full"].same.high) == (1.0, 1.0, 1.0)
+    assert by["namm@0.5"].same.estimate == pytest.approx(0.8)
+    assert by["streaming@0.5"].same.estimate == pytest.approx(0.3)
+    assert by["namm@0.5"].same.low < 0.8 < by["namm@0.5"].same.high
+    paired = {c.cell.label: c for c in comparisons}
+    assert paired["namm@0.5"].same.estimate == pytest.approx(0.5) and paired["namm@0.5"].same.excludes(0.0)
+    # the scores tie everywhere, so only the new column tells the two apart
+    assert paired["namm@0.5"].paired.ties == 20 and not paired["namm@0.5"].paired.difference.excludes(0.0)
+    text = render(suite, tmp_path, tmp_path / "page.md").read_text()
+    assert "| same output as Full (95% CI) |" in text
+    assert "| namm | 50% | 1.00 [1.00, 1.00] | +0.00 [+0.00, +0.00] | 0.80 [" in text
+    assert "| 0 | 20 | 0 | **+0.50 [" in text
+
+
+def test_same_output_leaves_out_records_without_a_prediction():
+    from namm.bench.leaderboard import same_output
+
+    assert same_output({"prediction": " a "}, {"prediction": "a"}) == 1.0
+    assert same_output({"prediction": "a"}, {"prediction": "b"}) == 0.0
+    assert np.isnan(same_output({}, {"prediction": "b"}))

@@ -11,6 +11,7 @@ column means; the interval is the percentile interval of the resampled statistic
 * :func:`paired_difference`: mean over groups of ``(mean(a) - mean(b)) / mean(full)``, the difference of two
   policies' relative scores, with per-sample wins, ties and losses.
 * :func:`mean_difference`: mean over groups of ``mean(a) - mean(b)`` (e.g. answer NLL against the full cache).
+* :func:`group_mean`: mean over groups of one column's mean (e.g. the share of outputs equal to the full cache's).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Interval", "Paired", "bootstrap", "mean_difference", "paired_difference", "relative_score"]
+__all__ = ["Interval", "Paired", "bootstrap", "group_mean", "mean_difference", "paired_difference", "relative_score"]
 
 
 @dataclass(frozen=True)
@@ -127,3 +128,8 @@ def paired_difference(triples: Sequence[np.ndarray], **kwargs) -> Paired:
 def mean_difference(pairs: Sequence[np.ndarray], **kwargs) -> Interval:
     """Mean over groups of ``mean(a) - mean(b)`` with its bootstrap interval (``pairs``: ``(n_g, 2)`` arrays)."""
     return bootstrap(pairs, lambda m: (m[..., 0] - m[..., 1]).mean(axis=-1), **kwargs)
+
+
+def group_mean(columns: Sequence[np.ndarray], **kwargs) -> Interval:
+    """Mean over groups of the first column's mean, with its bootstrap interval (``columns``: ``(n_g, K)`` arrays)."""
+    return bootstrap(columns, lambda m: m[..., 0].mean(axis=-1), **kwargs)

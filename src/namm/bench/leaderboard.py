@@ -6,6 +6,9 @@ Per cell (policy x budget), over the samples it shares with Full:
   resampling samples within groups (:func:`namm.stats.relative_score`); groups where Full scores 0 are left out;
 * **Δ answer NLL**: mean over groups of the cell's mean per-token NLL of the gold answer minus Full's (nats per
   token; > 0 is worse), same bootstrap: a graded view that separates a near miss from a lost needle;
+* **same output as Full**: mean over groups of the share of samples whose generated text equals Full's (after
+  stripping surrounding whitespace), same bootstrap: what the issue calls "answers what the full cache answers",
+  informative where Full's own task score is low (real LongBench text on a small model);
 * **cache**: mean over groups of the mean KV cache fraction; **time / peak KV x Full**: total seconds (prefill +
   decoding, probes included) and mean peak KV bytes relative to Full on the same samples, in the same run;
 * **paired**: each cell against the best baseline at its budget: the difference of relative scores with its
@@ -29,7 +32,7 @@ from namm.atomic import atomic_save_figure, atomic_write_text
 from namm.bench.run import group_keys, records_file
 from namm.bench.suite import Cell, Suite
 from namm.harness import read_records
-from namm.stats import Interval, Paired, mean_difference, paired_difference, relative_score
+from namm.stats import Interval, Paired, group_mean, mean_difference, paired_difference, relative_score
 
 
 @dataclass
@@ -40,6 +43,7 @@ class Row:
     samples: int
     relative: Interval
     nll: Interval
+    same: Interval
     cache: float
     time: float
     peak: float
@@ -53,6 +57,7 @@ class Comparison:
     baseline: Cell
     paired: Paired
     samples: int
+    same: Interval | None = None  # difference of the shares of outputs equal to Full's (a minus baseline)
 
 
 def load_records(suite: Suite, out_dir: Path) -> dict[str, dict[str, dict[str, dict]]]:
@@ -73,6 +78,27 @@ def _common(*tables: dict[str, dict] | None) -> list[str]:
     return ids
 
 
+def same_output(record: dict, full: dict) -> float:
+    """1.0 if the record's generated text equals Full's on the same sample (surrounding whitespace ignored),
+    else 0.0; ``nan`` when either record has no prediction."""
+    a, b = record.get("prediction"), full.get("prediction")
+    if a is None or b is None:
+        return float("nan")
+    return float(a.strip() == b.strip())
+
+
+def _same_columns(groups: list[tuple[list[dict], list[dict]]]) -> list[np.ndarray]:
+    """Per group an ``(n, K)`` array of :func:`same_output` for each of ``K`` record lists against Full's,
+    samples where some record has no prediction left out."""
+    out = []
+    for cells, ref in groups:
+        rows = np.array([[same_output(r, f) for r in recs] for *recs, f in zip(*cells, ref, strict=True)])
+        rows = rows[~np.isnan(rows).any(axis=1)] if rows.size else rows
+        if len(rows):
+            out.append(rows)
+    return out
+
+
 def summarise(suite: Suite, records: dict) -> tuple[list[Row], list[Comparison]]:
     """Rows for every cell with records, and the paired comparisons against the best baseline per budget."""
     boot = suite.bootstrap
@@ -80,7 +106,7 @@ def summarise(suite: Suite, records: dict) -> tuple[list[Row], list[Comparison]]
     rows = []
     for cell in suite.cells:
         mine = records.get(cell.label, {})
-        pairs, nlls, caches, secs, full_secs, peaks, probes, per_group = [], [], [], [], [], [], [], {}
+        pairs, nlls, sames, caches, secs, full_secs, peaks, probes, per_group = [], [], [], [], [], [], [], [], {}
         n = 0
         for group, ref in full.items():
             ids = _common(mine.get(group), ref)
@@ -90,6 +116,7 @@ def summarise(suite: Suite, records: dict) -> tuple[list[Row], list[Comparison]]
             n += len(ids)
             pairs.append(np.array([[x["score"], y["score"]] for x, y in zip(a, f, strict=True)]))
             nlls.append(np.array([[x["answer_nll"], y["answer_nll"]] for x, y in zip(a, f, strict=True)]))
+            sames.append(([a], f))
             caches.append(statistics.fmean(x["cache_fraction"] for x in a))
             secs.append(sum(x["seconds"] for x in a))
             full_secs.append(sum(y["seconds"] for y in f))
@@ -101,6 +128,7 @@ def summarise(suite: Suite, records: dict) -> tuple[list[Row], list[Comparison]]
             continue
         rows.append(Row(
             cell=cell, samples=n, relative=relative_score(pairs, **boot), nll=mean_difference(nlls, **boot),
+            same=group_mean(_same_columns(sames), **boot),
             cache=statistics.fmean(caches), time=sum(secs) / max(sum(full_secs), 1e-9),
             peak=statistics.fmean(peaks), probe_share=sum(probes) / max(sum(secs), 1e-9), per_group=per_group,
         ))
@@ -126,14 +154,16 @@ def _comparisons(suite: Suite, records: dict, rows: list[Row]) -> list[Compariso
 
 def _paired(suite: Suite, records: dict, cell: Cell, baseline: Cell) -> Comparison:
     """``cell`` against ``baseline`` on the samples both (and Full) have, relative to Full."""
-    triples, n = [], 0
+    triples, sames, n = [], [], 0
     for group, ref in records.get("full", {}).items():
         a, b = records[cell.label].get(group), records[baseline.label].get(group)
         ids = _common(a, b, ref)
         n += len(ids)
         if ids:
             triples.append(np.array([[a[i]["score"], b[i]["score"], ref[i]["score"]] for i in ids]))
-    return Comparison(cell, baseline, paired_difference(triples, **suite.bootstrap), n)
+            sames.append(([[a[i] for i in ids], [b[i] for i in ids]], [ref[i] for i in ids]))
+    return Comparison(cell, baseline, paired_difference(triples, **suite.bootstrap), n,
+                      same=mean_difference(_same_columns(sames), **suite.bootstrap))
 
 
 def learned_comparisons(suite: Suite, records: dict, rows: list[Row]) -> list[Comparison]:
@@ -153,11 +183,17 @@ def learned_comparisons(suite: Suite, records: dict, rows: list[Row]) -> list[Co
 
 def _paired_line(c: Comparison, name: str) -> str:
     """A row of a paired table: ``name``, budget, the other cell, the difference (bold when its interval excludes
-    0), wins / ties / losses and samples."""
-    bold = "**" if c.paired.difference.excludes(0.0) else ""
-    return (f"| {name} | {c.cell.budget_text} | {c.baseline.label} | "
-            f"{bold}{_interval(c.paired.difference, signed=True)}{bold} | "
-            f"{c.paired.wins} | {c.paired.ties} | {c.paired.losses} | {c.samples} |")
+    0), wins / ties / losses, the difference of the shares of outputs equal to Full's (bold the same way) and
+    samples."""
+    return (f"| {name} | {c.cell.budget_text} | {c.baseline.label} | {_bold(c.paired.difference)} | "
+            f"{c.paired.wins} | {c.paired.ties} | {c.paired.losses} | {_bold(c.same) if c.same else 'n/a'} | "
+            f"{c.samples} |")
+
+
+def _bold(iv: Interval) -> str:
+    """A signed interval, bold when it excludes 0."""
+    bold = "**" if iv.excludes(0.0) else ""
+    return f"{bold}{_interval(iv, signed=True)}{bold}"
 
 
 def _fmt(x: float, spec: str = ".2f") -> str:
@@ -270,28 +306,31 @@ def render(suite: Suite, out_dir: Path, page: Path | None = None, command: str |
         f"{level}% bootstrap intervals from {suite.bootstrap['resamples']} resamples of samples within groups "
         f"(seed {suite.bootstrap['seed']}). Score vs Full: mean over groups of the policy's mean score over Full's "
         "(groups where Full scores 0 left out). Δ NLL: the gold answer's teacher-forced negative log-likelihood "
-        "per token minus Full's (nats; > 0 is worse). Time and peak KV are ratios to Full in the same run.", "",
+        "per token minus Full's (nats; > 0 is worse). Same output as Full: the share of samples whose generated text "
+        "is Full's, word for word (mean over groups). Time and peak KV are ratios to Full in the same run.", "",
         *_reuse_note(records),
-        f"| policy | budget | score vs Full ({level}% CI) | Δ answer NLL ({level}% CI) | mean cache | time x Full "
-        "| probe share | peak KV x Full | samples |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| policy | budget | score vs Full ({level}% CI) | Δ answer NLL ({level}% CI) | same output as Full "
+        f"({level}% CI) | mean cache | time x Full | probe share | peak KV x Full | samples |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r.cell.name} | {r.cell.budget_text} | {_interval(r.relative)} | "
-                     f"{_interval(r.nll, signed=True)} | {r.cache:.0%} | {r.time:.2f} | "
+                     f"{_interval(r.nll, signed=True)} | {_interval(r.same)} | {r.cache:.0%} | {r.time:.2f} | "
                      f"{_fmt(r.probe_share, '.0%') if r.probe_share else '-'} | {r.peak:.2f} | {r.samples} |")
     if comparisons:
         lines += ["", f"Paired against the best baseline ({', '.join(suite.baselines)}) at the same budget: the "
                   "difference of scores relative to Full on the same samples (an interval that excludes 0 is a real "
                   "difference at this level), and per-sample wins / ties / losses.", "",
-                  f"| policy | budget | best baseline | difference ({level}% CI) | wins | ties | losses | samples |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"| policy | budget | best baseline | difference ({level}% CI) | wins | ties | losses "
+                  f"| Δ same output as Full ({level}% CI) | samples |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         lines += [_paired_line(c, c.cell.name) for c in comparisons]
     learned = learned_comparisons(suite, records, rows)
     if learned:
         lines += ["", "The learned memory against every other policy at the same budget, paired the same way.", "",
-                  f"| policy | budget | against | difference ({level}% CI) | wins | ties | losses | samples |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"| policy | budget | against | difference ({level}% CI) | wins | ties | losses "
+                  f"| Δ same output as Full ({level}% CI) | samples |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         lines += [_paired_line(c, c.cell.label) for c in learned]
     lines += ["", "Per group: Full's mean score (x100), the others' relative to it.", "",
               "| policy | budget | " + " | ".join(groups) + " |", "|---" * (len(groups) + 2) + "|"]
