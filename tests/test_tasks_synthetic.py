@@ -14,7 +14,7 @@ from namm.tasks import haystack as hs
 from namm.tasks.synthetic import DEFAULT_LENGTH
 
 SYNTHETIC = ["passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "kv_retrieval",
-             "variable_tracking"]
+             "variable_tracking", "essay_recall"]
 
 
 class ByteTokenizer:
@@ -237,3 +237,22 @@ def test_bundled_tokenizer_lengths_and_needle_positions(name, bundled_tokenizers
             for depth in (0.2, 0.8):
                 s = task.samples(1, length=3000, depth=depth, tokenizer=tok)[0]
                 assert _needle_fraction(s) == pytest.approx(depth, abs=0.03)
+
+
+def test_essay_recall_asks_for_the_rest_of_a_real_sentence_that_occurs_once(tokenizer):
+    task = get_task("essay_recall")
+    for s in task.samples(4, seed=3, length=800, tokenizer=tokenizer):
+        sentence = s.meta["needles"][0]["text"]
+        prefix = s.meta["prefix"]
+        assert sentence == f"{prefix} {s.answers[0]}" and len(prefix.split()) == 6
+        assert 14 <= len(sentence.split()) <= 40
+        assert s.context.count(sentence) == 1  # taken from far away: the haystack around it does not repeat it
+        assert s.question.endswith(prefix) and sentence not in s.question
+        assert " ".join(hs.essay_words()[0]).count(sentence) >= 1  # real essay text, not generated
+        assert task.score(f" {s.answers[0]}\n\nThe original text is", s) == 1.0
+        assert task.score(f" {s.answers[0]} And then another sentence.", s) == 1.0
+        assert task.score(" 12345 67890 zyx", s) == 0.0
+    half = task.score(" " + " ".join(s.answers[0].split()[: len(s.answers[0].split()) // 2]), s)
+    assert 0.3 < half < 1.0  # a partial recall scores in between (token F1)
+    with pytest.raises(NammError, match="prefix_words < min_words"):
+        get_task("essay_recall", prefix_words=20)

@@ -18,6 +18,10 @@ Tasks (designs of InfiniteBench ``construct_synthetic_dataset.py`` and NVIDIA RU
   values 7-digit numbers or UUIDs; metric RULER ``string_match_all``.
 * ``kv_retrieval``: InfiniteBench's JSON object of UUID keys and values; the asked value must occur in the
   prediction. To hit the target length closely the last distractor record may be cut short.
+* ``essay_recall``: real text only. A sentence of the Paul Graham essays, taken from far away in the essays, is
+  placed in an essay haystack; the question quotes its first words, the model continues them (span
+  reconstruction of real text, the training variety issue 11 asks for beside the needle tasks); score: token F1 of
+  the prediction's first sentence against the rest of the sentence (LongBench's ``qa_f1_score``).
 * ``variable_tracking``: RULER chains "VAR ABCDE = 12345", "VAR FGHIJ = VAR ABCDE", ... in noise; the answer
   lists every variable of the first chain (``string_match_all``). RULER's one-shot example is not included.
 
@@ -34,6 +38,7 @@ measured ``length``. Token indices count special tokens (e.g. Gemma's BOS is ind
 from __future__ import annotations
 
 import random
+import re
 import string
 import uuid
 from abc import abstractmethod
@@ -43,8 +48,16 @@ from typing import Any
 
 from namm.errors import NammError
 from namm.tasks.base import Sample, Task, _check_n, count_tokens, register, token_indices
-from namm.tasks.haystack import EssayHaystack, Haystack, NoiseHaystack, fit_size, render, sentence_start
-from namm.tasks.metrics import contains_score, string_match_all
+from namm.tasks.haystack import (
+    EssayHaystack,
+    Haystack,
+    NoiseHaystack,
+    essay_words,
+    fit_size,
+    render,
+    sentence_start,
+)
+from namm.tasks.metrics import contains_score, qa_f1_score, string_match_all
 
 DEFAULT_LENGTH = 1024
 _GOLDEN = 0.6180339887498949
@@ -394,6 +407,64 @@ class VariableTrackingTask(SyntheticTask):
                      needles=needles, meta={"haystack": "noise", "value": value})
 
 
+class EssayRecallTask(SyntheticTask):
+    """Span reconstruction of real text: repeat the rest of an essay sentence whose first words the question quotes.
+
+    The asked sentence (``min_words`` to ``max_words`` words) comes from the essays half the corpus (about 60k
+    words) away from the haystack's start, so the haystack around it does not contain it a second time; it is
+    placed between two haystack sentences at ``depth``. The question quotes its first ``prefix_words`` words and
+    ends with them, so the answer is the sentence's remaining words.
+
+    Args:
+        prefix_words: words of the sentence quoted in the question.
+        min_words, max_words: the asked sentence's length range, in words.
+        length, depth: defaults for :meth:`samples`.
+        max_new_tokens: generation budget (default 64).
+    """
+
+    name = "essay_recall"
+    metric_name = "qa_f1"
+    max_new_tokens = 64
+    HEADER = "Read the following essays carefully. You will repeat one of their sentences word for word.\n\n"
+
+    def __init__(self, prefix_words: int = 6, min_words: int = 14, max_words: int = 40, length: int | None = None,
+                 depth: float | None = None, max_new_tokens: int | None = None):
+        self.prefix_words = _positive("prefix_words", prefix_words)
+        self.min_words, self.max_words = _positive("min_words", min_words), _positive("max_words", max_words)
+        if not self.prefix_words < self.min_words <= self.max_words:
+            raise NammError(f"essay_recall needs prefix_words < min_words <= max_words, got {prefix_words}, "
+                            f"{min_words}, {max_words}.")
+        super().__init__(length, depth, max_new_tokens)
+
+    def _sentence(self, word: int) -> list[str]:
+        """The first sentence of ``min_words``-``max_words`` words starting at or after word index ``word``."""
+        words, starts = essay_words()
+        n = len(words)
+        for k in range(n):
+            i = (word + k) % n
+            if not starts[i]:
+                continue
+            end = i + 1
+            while end < n and not starts[end] and end - i <= self.max_words:
+                end += 1
+            if self.min_words <= end - i <= self.max_words:
+                return list(words[i:end])
+        raise NammError(f"No essay sentence has {self.min_words}-{self.max_words} words.")
+
+    def _plan(self, rng: random.Random, depth: float, seed: int, index: int) -> _Plan:
+        words, _ = essay_words()
+        start = sentence_start(rng.random())
+        sentence = self._sentence(start + len(words) // 2 + rng.randrange(1000))
+        prefix, rest = " ".join(sentence[: self.prefix_words]), " ".join(sentence[self.prefix_words:])
+        question = f"\n\nHere is one sentence of the text above, repeated word for word: {prefix}"
+        return _Plan(header=self.HEADER, question=question, answers=[rest], haystack=EssayHaystack(start),
+                     needles=[(depth, " ".join(sentence))], meta={"haystack": "essay", "prefix": prefix})
+
+    def score(self, prediction: str, sample: Sample) -> float:
+        first = re.split(r"(?<=[.!?])\s|\n", prediction.strip(), maxsplit=1)[0]
+        return max(qa_f1_score(first, a) for a in sample.answers)
+
+
 for _cls in (PasskeyTask, NiahTask, NiahMultiKeyTask, NiahMultiValueTask, NiahMultiQueryTask, KVRetrievalTask,
-             VariableTrackingTask):
+             VariableTrackingTask, EssayRecallTask):
     register(_cls.name, _cls, group=0)
