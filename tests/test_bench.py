@@ -486,7 +486,7 @@ def test_bench_cli_reuses_another_run_and_says_what_it_copied(model_dir, tmp_pat
     assert (first / "SUITE").read_text() == "quick\n"
 
 
-def test_same_output_as_full_is_the_share_of_word_for_word_equal_generations(tmp_path):
+def test_same_answer_as_full_is_the_share_of_word_for_word_equal_first_lines(tmp_path):
     """Full against itself is exactly 1 [1, 1]; a cell's share is the mean over groups; pairs are differenced."""
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({
@@ -517,7 +517,7 @@ def test_same_output_as_full_is_the_share_of_word_for_word_equal_generations(tmp
     # the scores tie everywhere, so only the new column tells the two apart
     assert paired["namm@0.5"].paired.ties == 20 and not paired["namm@0.5"].paired.difference.excludes(0.0)
     text = render(suite, tmp_path, tmp_path / "page.md").read_text()
-    assert "| same output as Full (95% CI) |" in text
+    assert "| same answer as Full (95% CI) |" in text
     assert "| namm | 50% | 1.00 [1.00, 1.00] | +0.00 [+0.00, +0.00] | 0.80 [" in text
     assert "| 0 | 20 | 0 | **+0.50 [" in text
 
@@ -527,4 +527,6 @@ def test_same_output_leaves_out_records_without_a_prediction():
 
     assert same_output({"prediction": " a "}, {"prediction": "a"}) == 1.0
     assert same_output({"prediction": "a"}, {"prediction": "b"}) == 0.0
+    # the answer is the first line: what follows it is left out, leading newlines are skipped
+    assert same_output({"prediction": " 57907.\nThe grass is green."}, {"prediction": "\n 57907.\nThe pass key"}) == 1.0
     assert np.isnan(same_output({}, {"prediction": "b"}))

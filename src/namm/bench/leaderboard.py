@@ -6,8 +6,8 @@ Per cell (policy x budget), over the samples it shares with Full:
   resampling samples within groups (:func:`namm.stats.relative_score`); groups where Full scores 0 are left out;
 * **Δ answer NLL**: mean over groups of the cell's mean per-token NLL of the gold answer minus Full's (nats per
   token; > 0 is worse), same bootstrap: a graded view that separates a near miss from a lost needle;
-* **same output as Full**: mean over groups of the share of samples whose generated text equals Full's (after
-  stripping surrounding whitespace), same bootstrap: what the issue calls "answers what the full cache answers",
+* **same answer as Full**: mean over groups of the share of samples whose answer (the generation's first line)
+  equals Full's word for word, same bootstrap: what the issue calls "answers what the full cache answers",
   informative where Full's own task score is low (real LongBench text on a small model);
 * **cache**: mean over groups of the mean KV cache fraction; **time / peak KV x Full**: total seconds (prefill +
   decoding, probes included) and mean peak KV bytes relative to Full on the same samples, in the same run;
@@ -33,6 +33,7 @@ from namm.bench.run import group_keys, records_file
 from namm.bench.suite import Cell, Suite
 from namm.harness import read_records
 from namm.stats import Interval, Paired, group_mean, mean_difference, paired_difference, relative_score
+from namm.tasks.metrics import first_line
 
 
 @dataclass
@@ -57,7 +58,7 @@ class Comparison:
     baseline: Cell
     paired: Paired
     samples: int
-    same: Interval | None = None  # difference of the shares of outputs equal to Full's (a minus baseline)
+    same: Interval | None = None  # difference of the shares of answers equal to Full's (a minus baseline)
 
 
 def load_records(suite: Suite, out_dir: Path) -> dict[str, dict[str, dict[str, dict]]]:
@@ -79,12 +80,14 @@ def _common(*tables: dict[str, dict] | None) -> list[str]:
 
 
 def same_output(record: dict, full: dict) -> float:
-    """1.0 if the record's generated text equals Full's on the same sample (surrounding whitespace ignored),
-    else 0.0; ``nan`` when either record has no prediction."""
+    """1.0 if the record's answer equals Full's on the same sample, else 0.0; ``nan`` when either record has no
+    prediction. The answer is the generation's first line (LongBench's post-processing for its few-shot tasks,
+    :func:`~namm.tasks.metrics.first_line`), surrounding whitespace ignored: what a model writes after its answer
+    (a base model's rambling) is left out."""
     a, b = record.get("prediction"), full.get("prediction")
     if a is None or b is None:
         return float("nan")
-    return float(a.strip() == b.strip())
+    return float(first_line(a).strip() == first_line(b).strip())
 
 
 def _same_columns(groups: list[tuple[list[dict], list[dict]]]) -> list[np.ndarray]:
@@ -183,7 +186,7 @@ def learned_comparisons(suite: Suite, records: dict, rows: list[Row]) -> list[Co
 
 def _paired_line(c: Comparison, name: str) -> str:
     """A row of a paired table: ``name``, budget, the other cell, the difference (bold when its interval excludes
-    0), wins / ties / losses, the difference of the shares of outputs equal to Full's (bold the same way) and
+    0), wins / ties / losses, the difference of the shares of answers equal to Full's (bold the same way) and
     samples."""
     return (f"| {name} | {c.cell.budget_text} | {c.baseline.label} | {_bold(c.paired.difference)} | "
             f"{c.paired.wins} | {c.paired.ties} | {c.paired.losses} | {_bold(c.same) if c.same else 'n/a'} | "
@@ -306,10 +309,11 @@ def render(suite: Suite, out_dir: Path, page: Path | None = None, command: str |
         f"{level}% bootstrap intervals from {suite.bootstrap['resamples']} resamples of samples within groups "
         f"(seed {suite.bootstrap['seed']}). Score vs Full: mean over groups of the policy's mean score over Full's "
         "(groups where Full scores 0 left out). Δ NLL: the gold answer's teacher-forced negative log-likelihood "
-        "per token minus Full's (nats; > 0 is worse). Same output as Full: the share of samples whose generated text "
-        "is Full's, word for word (mean over groups). Time and peak KV are ratios to Full in the same run.", "",
+        "per token minus Full's (nats; > 0 is worse). Same answer as Full: the share of samples whose answer (the "
+        "generation's first line) is Full's, word for word (mean over groups). Time and peak KV are ratios to Full "
+        "in the same run.", "",
         *_reuse_note(records),
-        f"| policy | budget | score vs Full ({level}% CI) | Δ answer NLL ({level}% CI) | same output as Full "
+        f"| policy | budget | score vs Full ({level}% CI) | Δ answer NLL ({level}% CI) | same answer as Full "
         f"({level}% CI) | mean cache | time x Full | probe share | peak KV x Full | samples |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -322,14 +326,14 @@ def render(suite: Suite, out_dir: Path, page: Path | None = None, command: str |
                   "difference of scores relative to Full on the same samples (an interval that excludes 0 is a real "
                   "difference at this level), and per-sample wins / ties / losses.", "",
                   f"| policy | budget | best baseline | difference ({level}% CI) | wins | ties | losses "
-                  f"| Δ same output as Full ({level}% CI) | samples |",
+                  f"| Δ same answer as Full ({level}% CI) | samples |",
                   "|---|---|---|---|---|---|---|---|---|"]
         lines += [_paired_line(c, c.cell.name) for c in comparisons]
     learned = learned_comparisons(suite, records, rows)
     if learned:
         lines += ["", "The learned memory against every other policy at the same budget, paired the same way.", "",
                   f"| policy | budget | against | difference ({level}% CI) | wins | ties | losses "
-                  f"| Δ same output as Full ({level}% CI) | samples |",
+                  f"| Δ same answer as Full ({level}% CI) | samples |",
                   "|---|---|---|---|---|---|---|---|---|"]
         lines += [_paired_line(c, c.cell.label) for c in learned]
     lines += ["", "Per group: Full's mean score (x100), the others' relative to it.", "",
