@@ -234,3 +234,36 @@ def test_head_cap_holds_at_every_step_in_the_runtime(tokenizer):
 
     assert not any(over_cap(policy))
     assert any(over_cap(uncapped))  # the cap binds on this prompt
+
+
+@pytest.mark.parametrize("sharing", [False, True])
+def test_sinks_are_kept_in_every_head_whatever_their_scores(sharing):
+    """``sinks``: the first real tokens of every head survive, the rest are the top scores, the budget is exact."""
+    cfg = budget_config(head_sharing=sharing, sinks=4, spectral_norm="per_head")
+    policy = NAMM(cfg, params=torch.zeros(param_count(cfg)))
+    step = _step(0, 2)
+    step.n_real = torch.tensor([40, 37])  # row 1: three tokens of left padding come first
+    step.valid[1, :, :3] = False
+    scores = torch.randn(2, 3, 40, generator=torch.Generator().manual_seed(3))
+    scores[..., :8] = -100.0  # the first tokens score lowest everywhere
+    keep = policy.keep(step, scores)
+    assert bool(keep[0, :, :4].all()) and not bool(keep[0, :, 4:8].any())
+    assert bool(keep[1, :, 3:7].all()) and not bool(keep[1, :, :3].any()) and not bool(keep[1, :, 7].any())
+    plain = NAMM(budget_config(head_sharing=sharing, spectral_norm="per_head"), params=policy.params)
+    assert not bool(plain.keep(step, scores)[:, :, :8].any())  # without the option they go first
+    assert keep.sum((-1, -2)).tolist() == plain.keep(step, scores).sum((-1, -2)).tolist()  # same total
+    assert "sinks=4" in repr(cfg) and "sinks" not in repr(budget_config())
+    assert "first 4 tokens always kept" in policy.describe()
+    with pytest.raises(NammError, match="sinks must be >= 0"):
+        budget_config(sinks=-1)
+
+
+def test_a_checkpoint_with_sinks_round_trips_and_old_ones_load_without(tmp_path):
+    cfg = budget_config(head_sharing=True, sinks=4, spectral_norm="per_head")
+    NAMM(cfg).save_pretrained(tmp_path / "with")
+    assert NAMM.from_pretrained(tmp_path / "with").config.sinks == 4
+    assert json.loads((tmp_path / "with" / "config.json").read_text())["config"]["sinks"] == 4
+    NAMM(budget_config()).save_pretrained(tmp_path / "without")
+    saved = json.loads((tmp_path / "without" / "config.json").read_text())
+    assert "sinks" not in json.dumps(saved)  # an old-format file: the option is absent, and loads as 0
+    assert NAMM.from_pretrained(tmp_path / "without").config.sinks == 0

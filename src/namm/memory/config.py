@@ -14,11 +14,11 @@ SPECTRAL_NORMS = ("global", "per_head")
 #: Fields added after the first checkpoint format: a checkpoint without them takes their defaults.
 OPTIONAL_FIELDS = frozenset({"budget", "depth_knots", "spectral_norm", "key_norm_feature", "bam_window",
                              "query_entropy_feature", "key_novelty_feature", "reconstruction_feature",
-                             "head_sharing", "head_cap"})
+                             "head_sharing", "head_cap", "sinks"})
 #: Options shown by ``repr`` and written by ``to_dict`` only when set, so that adding them left every existing
 #: policy fingerprint (and the harness records keyed by it) and checkpoint file unchanged.
 REPR_WHEN_SET = frozenset({"bam_window", "query_entropy_feature", "key_novelty_feature", "reconstruction_feature",
-                           "head_sharing", "head_cap"})
+                           "head_sharing", "head_cap", "sinks"})
 
 
 @dataclass
@@ -42,6 +42,9 @@ class NAMMConfig:
         selection: ``"per_layer"`` (the reference: every head of a batch row keeps as many tokens as its head
             with the most non-negative scores) or ``"per_head"`` (each head keeps exactly its non-negative ones).
         always_keep_newest: the newest token of every head is kept whatever its score.
+        sinks: the first ``sinks`` real tokens of every head are kept whatever their scores (attention sinks, as
+            StreamingLLM and KVzip keep them; 0: the reference, which has no such rule). A deviation, off by
+            default.
         norm_eps: lower bound of the normalisation standard deviation.
         delay: memory-step cadence in tokens that the parameters were evolved with (a multiple of ``hop``).
         budget: ``None`` (threshold mode: a token is kept when its score is >= 0, so the cache size is the
@@ -91,6 +94,7 @@ class NAMMConfig:
     bam_window: int = 0
     selection: str = "per_layer"
     always_keep_newest: bool = True
+    sinks: int = 0
     norm_eps: float = 1e-7
     delay: int = 512
     budget: float | int | None = None
@@ -137,7 +141,7 @@ class NAMMConfig:
     def validate(self) -> None:
         """Raise :class:`NammError` naming the first invalid field."""
         ints = ("n_fft", "hop", "recency_dim", "recency_offset", "bam_hidden", "bam_heads", "bam_window", "delay",
-                "depth_knots")
+                "depth_knots", "sinks")
         for name in ints:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
@@ -162,6 +166,8 @@ class NAMMConfig:
             raise NammError(f"NAMMConfig.recency_max_freq must be positive, got {self.recency_max_freq}.")
         if self.recency_offset < 0:
             raise NammError(f"NAMMConfig.recency_offset must be >= 0, got {self.recency_offset}.")
+        if self.sinks < 0:
+            raise NammError(f"NAMMConfig.sinks must be >= 0 (first tokens always kept), got {self.sinks}.")
         if self.bam_hidden < 1 or self.bam_heads < 1:
             raise NammError(
                 f"NAMMConfig.bam_hidden and bam_heads must be >= 1, got {self.bam_hidden} and {self.bam_heads}."

@@ -39,7 +39,16 @@ from namm.memory.features import (
 )
 from namm.policies import register_policy
 from namm.policies.allocation import HeadAllocation
-from namm.policies.base import ALL_QUERIES, MemoryStep, Policy, StepRequest, budget_tokens, exceeds, head_tokens
+from namm.policies.base import (
+    ALL_QUERIES,
+    MemoryStep,
+    Policy,
+    StepRequest,
+    budget_tokens,
+    exceeds,
+    head_tokens,
+    sink_mask,
+)
 from namm.policies.peers import reconstruction_ids, reconstruction_scores
 from namm.policies.selection import head_adaptive_keep, head_cap_tokens, threshold_keep, top_k_keep
 
@@ -222,10 +231,14 @@ class NAMM(Policy):
         return bam_scores(features, step.valid, params, self.config, step.positions)
 
     def keep(self, step: MemoryStep, scores: torch.Tensor) -> torch.Tensor:
-        """``(B, H, T)`` keep mask: the budgeted top scores, or the non-negative ones (+ the newest token)."""
+        """``(B, H, T)`` keep mask: the budgeted top scores, or the non-negative ones (+ the newest token and the
+        first ``config.sinks`` tokens)."""
         if self.collect_stats:
             return step.valid.clone()
         always = newest_mask(step.positions, step.valid) if self.config.always_keep_newest else None
+        if self.config.sinks:
+            sinks = sink_mask(step, self.config.sinks)
+            always = sinks if always is None else always | sinks
         budget = self.active_budget
         if budget is not None:
             lifted = scores.masked_fill(always, float("inf")) if always is not None else scores
@@ -275,6 +288,8 @@ class NAMM(Policy):
                 how += f" (at most {self.config.head_cap:g}x the budget per head)"
         spectral = ("per-head standardised spectrogram" if self.config.spectral_norm == "per_head"
                     else self.normaliser.describe())
+        if self.config.sinks:
+            how += f", the first {self.config.sinks} tokens always kept"
         parts = [f"{self.n_params:,} params", how, spectral]
         if self.config.reconstruction_feature:
             parts.append("reconstruction-probe feature")

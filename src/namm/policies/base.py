@@ -195,6 +195,13 @@ def read_attention(step: MemoryStep, bounds: list[int]) -> Iterator[torch.Tensor
         yield step.attention[:, :, lo:hi].float()
 
 
+def sink_mask(step: MemoryStep, sinks: int) -> torch.Tensor:
+    """``(B, H, T)`` bool: the slots holding one of the ``sinks`` first real tokens of each row (attention sinks;
+    left padding comes first and is not counted)."""
+    first_real = (step.n_seen - step.n_real).view(-1, 1, 1)
+    return step.valid & (step.positions - first_real < sinks)
+
+
 def recent_mask(step: MemoryStep, window: int) -> torch.Tensor:
     """``(B, H, T)`` bool: the slots holding one of the ``window`` newest tokens of each row."""
     newest = step.n_seen - 1
@@ -446,4 +453,5 @@ __all__ = [
     "protect",
     "read_attention",
     "recent_mask",
+    "sink_mask",
 ]

@@ -22,6 +22,7 @@ from namm.policies.base import (
     protect,
     read_attention,
     recent_mask,
+    sink_mask,
 )
 
 
@@ -46,9 +47,7 @@ class StreamingLLM(BudgetPolicy):
     sinks: int = 4
 
     def score(self, step: MemoryStep) -> torch.Tensor:
-        first_real = (step.n_seen - step.n_real).view(-1, 1, 1)  # left padding comes first
-        is_sink = step.valid & (step.positions - first_real < self.sinks)
-        return protect(step.positions.float(), is_sink)
+        return protect(step.positions.float(), sink_mask(step, self.sinks))
 
 
 @dataclass

@@ -15,14 +15,17 @@ from dataclasses import dataclass
 import torch
 
 from namm.errors import NammError
-from namm.policies.base import BudgetPolicy, MemoryStep, StepRequest, probe_max_attention, protect, recent_mask
+from namm.policies.base import (
+    BudgetPolicy,
+    MemoryStep,
+    StepRequest,
+    probe_max_attention,
+    protect,
+    recent_mask,
+    sink_mask,
+)
 from namm.policies.classic import SnapKV
 from namm.policies.selection import head_adaptive_keep, top_k_keep
-
-
-def _first_real(step: MemoryStep) -> torch.Tensor:
-    """``(B, 1, 1)`` absolute position of each row's first real token (left padding comes first)."""
-    return (step.n_seen - step.n_real).view(-1, 1, 1)
 
 
 @dataclass
@@ -140,7 +143,7 @@ def reconstruction_scores(step: MemoryStep, sinks: int, key: str, who: str) -> t
     if step.probe is None:
         raise NammError(f"{who} scores tokens by running the model: use namm.generate (or namm's engine), not a "
                         "bare MemoryCache inside model.generate.")
-    is_sink = step.valid & (step.positions - _first_real(step) < sinks)
+    is_sink = sink_mask(step, sinks)
     chunk = step.valid & (step.positions >= step.probe.start)
     fresh = probe_max_attention(step, chunk | is_sink)
     old = step.state.get(key)
@@ -187,9 +190,8 @@ class KVzip(BudgetPolicy):
         return reconstruction_ids(tokenizer, chunk, before, self.prompt, self.continuation, self.suffix, self.overlap)
 
     def score(self, step: MemoryStep) -> torch.Tensor:
-        is_sink = step.valid & (step.positions - _first_real(step) < self.sinks)
         scores = reconstruction_scores(step, self.sinks, "kvzip", type(self).__name__)
-        return protect(scores, is_sink)
+        return protect(scores, sink_mask(step, self.sinks))
 
     @property
     def shares_heads(self) -> bool:  # type: ignore[override]
