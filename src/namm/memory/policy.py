@@ -290,6 +290,8 @@ class NAMM(Policy):
                     else self.normaliser.describe())
         if self.config.sinks:
             how += f", the first {self.config.sinks} tokens always kept"
+        if not self.config.always_keep_newest:
+            how += ", the newest token not forced"
         parts = [f"{self.n_params:,} params", how, spectral]
         if self.config.reconstruction_feature:
             parts.append("reconstruction-probe feature")
