@@ -522,11 +522,11 @@ def test_same_answer_as_full_is_the_share_of_word_for_word_equal_first_lines(tmp
     assert "| 0 | 20 | 0 | **+0.50 [" in text
 
 
-def test_same_output_leaves_out_records_without_a_prediction():
-    from namm.bench.leaderboard import same_output
+def test_same_answer_leaves_out_records_without_a_prediction():
+    from namm.bench.leaderboard import same_answer
 
-    assert same_output({"prediction": " a "}, {"prediction": "a"}) == 1.0
-    assert same_output({"prediction": "a"}, {"prediction": "b"}) == 0.0
+    assert same_answer({"prediction": " a "}, {"prediction": "a"}) == 1.0
+    assert same_answer({"prediction": "a"}, {"prediction": "b"}) == 0.0
     # the answer is the first line: what follows it is left out, leading newlines are skipped
-    assert same_output({"prediction": " 57907.\nThe grass is green."}, {"prediction": "\n 57907.\nThe pass key"}) == 1.0
-    assert np.isnan(same_output({}, {"prediction": "b"}))
+    assert same_answer({"prediction": " 57907.\nThe grass is green."}, {"prediction": "\n 57907.\nThe pass key"}) == 1.0
+    assert np.isnan(same_answer({}, {"prediction": "b"}))

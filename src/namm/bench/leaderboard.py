@@ -79,7 +79,7 @@ def _common(*tables: dict[str, dict] | None) -> list[str]:
     return ids
 
 
-def same_output(record: dict, full: dict) -> float:
+def same_answer(record: dict, full: dict) -> float:
     """1.0 if the record's answer equals Full's on the same sample, else 0.0; ``nan`` when either record has no
     prediction. The answer is the generation's first line (LongBench's post-processing for its few-shot tasks,
     :func:`~namm.tasks.metrics.first_line`), surrounding whitespace ignored: what a model writes after its answer
@@ -91,11 +91,11 @@ def same_output(record: dict, full: dict) -> float:
 
 
 def _same_columns(groups: list[tuple[list[dict], list[dict]]]) -> list[np.ndarray]:
-    """Per group an ``(n, K)`` array of :func:`same_output` for each of ``K`` record lists against Full's,
+    """Per group an ``(n, K)`` array of :func:`same_answer` for each of ``K`` record lists against Full's,
     samples where some record has no prediction left out."""
     out = []
     for cells, ref in groups:
-        rows = np.array([[same_output(r, f) for r in recs] for *recs, f in zip(*cells, ref, strict=True)])
+        rows = np.array([[same_answer(r, f) for r in recs] for *recs, f in zip(*cells, ref, strict=True)])
         rows = rows[~np.isnan(rows).any(axis=1)] if rows.size else rows
         if len(rows):
             out.append(rows)
