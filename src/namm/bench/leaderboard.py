@@ -58,7 +58,7 @@ class Comparison:
     baseline: Cell
     paired: Paired
     samples: int
-    same: Interval | None = None  # difference of the shares of answers equal to Full's (a minus baseline)
+    same: Interval  # difference of the shares of answers equal to Full's (a minus baseline)
 
 
 def load_records(suite: Suite, out_dir: Path) -> dict[str, dict[str, dict[str, dict]]]:
@@ -90,7 +90,7 @@ def same_answer(record: dict, full: dict) -> float:
     return float(first_line(a).strip() == first_line(b).strip())
 
 
-def _same_columns(groups: list[tuple[list[dict], list[dict]]]) -> list[np.ndarray]:
+def _same_columns(groups: list[tuple[list[list[dict]], list[dict]]]) -> list[np.ndarray]:
     """Per group an ``(n, K)`` array of :func:`same_answer` for each of ``K`` record lists against Full's,
     samples where some record has no prediction left out."""
     out = []
@@ -166,7 +166,7 @@ def _paired(suite: Suite, records: dict, cell: Cell, baseline: Cell) -> Comparis
             triples.append(np.array([[a[i]["score"], b[i]["score"], ref[i]["score"]] for i in ids]))
             sames.append(([[a[i] for i in ids], [b[i] for i in ids]], [ref[i] for i in ids]))
     return Comparison(cell, baseline, paired_difference(triples, **suite.bootstrap), n,
-                      same=mean_difference(_same_columns(sames), **suite.bootstrap))
+                      mean_difference(_same_columns(sames), **suite.bootstrap))
 
 
 def learned_comparisons(suite: Suite, records: dict, rows: list[Row]) -> list[Comparison]:
@@ -189,7 +189,7 @@ def _paired_line(c: Comparison, name: str) -> str:
     0), wins / ties / losses, the difference of the shares of answers equal to Full's (bold the same way) and
     samples."""
     return (f"| {name} | {c.cell.budget_text} | {c.baseline.label} | {_bold(c.paired.difference)} | "
-            f"{c.paired.wins} | {c.paired.ties} | {c.paired.losses} | {_bold(c.same) if c.same else 'n/a'} | "
+            f"{c.paired.wins} | {c.paired.ties} | {c.paired.losses} | {_bold(c.same)} | "
             f"{c.samples} |")
 
 
