@@ -72,3 +72,31 @@ def test_a_bare_cache_cannot_run_the_reconstruction_feature(tokenizer):
     with pytest.raises(NammError, match="running the model"):
         model(tokenizer(random_prompt(40), return_tensors="pt").input_ids[:, :32], **with_cache(model, cache))
     namm.cache.clear_pending()
+
+
+def test_with_kvzips_keep_rule_the_reconstruction_rule_is_kvzip(tokenizer):
+    """A NAMM scoring by its raw log reconstruction attention alone, sharing each layer's budget over its heads, its
+    first 4 tokens kept and the newest not forced, keeps what KVzip keeps at every step and generates KVzip's logits
+    exactly (the mechanism behind namm-kvrule = KVzip word for word on MiniLongBench, docs/results.md)."""
+    model = tiny_model("llama")
+    prompt = random_prompt(90, seed=11)
+
+    def run(policy):
+        return namm.generate(model, tokenizer, prompt, policy, max_new_tokens=6, delay=16, chunk_size=16,
+                             ignore_eos=True, return_logits=True)
+
+    def rule(**keep_rule):
+        cfg = NAMMConfig(hop=4, n_fft=8, delay=16, budget=0.5, spectral_norm="per_head", reconstruction_feature=True,
+                         head_sharing=True, **keep_rule)
+        named = unflatten(torch.zeros(param_count(cfg)), cfg)
+        named["head_weight"][-1, 0] = 1.0
+        return NAMM(cfg, params=flatten(named, cfg), budget=0.5)
+
+    kvzip = run(KVzip(budget=0.5))
+    ours = run(rule(sinks=4, always_keep_newest=False))
+    shipped_rule = run(rule())  # the newest token forced, no sinks: the rule that trailed KVzip on MiniLongBench
+    assert len(kvzip.stats.steps) >= 8 and ours.token_ids == kvzip.token_ids
+    assert [s["kept"] for s in ours.stats.steps] == [s["kept"] for s in kvzip.stats.steps]
+    assert any(len(set(row)) > 1 for s in ours.stats.steps for row in s["kept"]), "heads must hold different counts"
+    torch.testing.assert_close(ours.logits, kvzip.logits, rtol=0, atol=0)
+    assert not torch.equal(shipped_rule.logits, kvzip.logits)
