@@ -2,8 +2,10 @@
 token not forced). The memory measured until then keeps its records under the label ``namm-s8`` (its checkpoint
 copied to runs/namm-recon-2k/checkpoint-s8, the same weights and config, so its records' settings still match);
 the cells measured as ``namm-kvrule`` (runs/namm-keeprule-lb/checkpoint: the same weights, the new config) become
-the shipped ``namm`` cell. Run once, from the repository root, after the kvrule cells end."""
+the shipped ``namm`` cell. Run once per run, from the repository root, when no bench runs in it:
+``python runs/relabel-s15.py RUN...`` (default: every run below)."""
 
+import sys
 from pathlib import Path
 
 OLD = "{name: namm, budgets: [%s], checkpoint: smollm2-135m}"
@@ -13,7 +15,8 @@ SHIPPED = "{name: namm, budgets: [%s], checkpoint: smollm2-135m}"
 RUNS = {"namm-recon-2k": "0.5", "namm-recon-4k": "0.5", "namm-recon-2k-agnostic": "0.5", "namm-gemma": "0.5",
         "namm-gemma-60": "0.6", "namm-recon-lb": "0.5", "namm-replay-2k": "0.5", "namm-keeprule-lb": "0.5"}
 
-for run, b in RUNS.items():
+for run in sys.argv[1:] or RUNS:
+    b = RUNS[run]
     suite = Path(f"src/namm/suites/{run}.yaml")
     text = suite.read_text()
     assert text.count(OLD % b) == 1, run
