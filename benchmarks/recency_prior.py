@@ -12,16 +12,14 @@ means by task and needle half. Reads the recordings the run left in ``RUN/replay
 from __future__ import annotations
 
 import argparse
-import time
 
-import numpy as np
 import torch
+from _replay_scoring import print_means, score_recordings
 
 from namm.evolution.lm import margin_score
 from namm.evolution.recipe import load_recipe
 from namm.evolution.replay import ReplayEvaluator, replay
 from namm.memory.bam import flatten, unflatten
-from namm.tasks.synthetic import default_depth
 
 SLOWEST_SINE = 3  # head_weight index of sin(age * max_freq ** -3/4) in the default 8-dim age code
 
@@ -45,25 +43,14 @@ def main() -> None:
             member["depth_logits"].zero_()
         rows.append(flatten(member, policy.config))
     policy.set_population(torch.stack(rows).float())
-    scores: dict[tuple[str, int], tuple[float, np.ndarray]] = {}
-    for spec in recipe.stages[0].tasks:
-        for i in range(args.samples):
-            rec = ev.recording(spec.key, f"t{i}")
-            t0 = time.perf_counter()
-            margins, _ = replay(ev.model, policy, rec, recipe.delay, recipe.chunk_size, recipe.replay_recompute)
-            s = margin_score(margins, rec.full_margins)
-            depth = default_depth(spec.name, recipe.seed, i)
-            scores[(spec.name, i)] = (depth, s)
-            print(f"{spec.name} t{i} depth {depth:.2f}: " + " ".join(f"{x:.2f}" for x in s)
-                  + f" ({time.perf_counter() - t0:.1f} s)", flush=True)
+
+    def score(rec):
+        margins, _ = replay(ev.model, policy, rec, recipe.delay, recipe.chunk_size, recipe.replay_recompute)
+        return margin_score(margins, rec.full_margins)
+
+    scores = score_recordings(ev, args.samples, score, digits=2)
     print("\nweight c: " + " ".join(f"{c:g}" for c in args.weights))
-    for task in sorted({t for t, _ in scores}):
-        for half, name in ((False, "first half"), (True, "second half")):
-            v = [s for (t, _), (d, s) in scores.items() if t == task and (d >= 0.5) == half]
-            if v:
-                print(f"{task} {name} (n={len(v)}): " + " ".join(f"{x:.3f}" for x in np.mean(v, axis=0)))
-    every = np.mean([s for _, s in scores.values()], axis=0)
-    print(f"all (n={len(scores)}): " + " ".join(f"{x:.3f}" for x in every))
+    print_means(scores)
 
 
 if __name__ == "__main__":

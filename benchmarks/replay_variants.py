@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 
 import numpy as np
 import torch
 import yaml
+from _replay_scoring import print_means, score_recordings
 
 from namm.evolution.lm import margin_score
 from namm.evolution.recipe import load_recipe
@@ -25,7 +25,6 @@ from namm.evolution.replay import ReplayEvaluator, replay
 from namm.memory import NAMM
 from namm.memory.bam import flatten, unflatten
 from namm.stats import mean_difference
-from namm.tasks.synthetic import default_depth
 
 
 def variant(text: str) -> dict:
@@ -49,24 +48,14 @@ def main() -> None:
         named["depth_logits"].zero_()
     params = flatten(named, ev.policy.config).float()
     policies = [NAMM(dataclasses.replace(ev.policy.config, **variant(v)), params=params) for v in args.variant]
-    scores: dict[tuple[str, int], tuple[float, np.ndarray]] = {}
-    for spec in recipe.stages[0].tasks:
-        for i in range(args.samples):
-            rec = ev.recording(spec.key, f"t{i}")
-            t0 = time.perf_counter()
-            s = np.array([margin_score(replay(ev.model, p, rec, recipe.delay, recipe.chunk_size,
-                                              recipe.replay_recompute)[0], rec.full_margins)[0] for p in policies])
-            depth = default_depth(spec.name, recipe.seed, i)
-            scores[(spec.name, i)] = (depth, s)
-            print(f"{spec.name} t{i} depth {depth:.2f}: " + " ".join(f"{x:.3f}" for x in s)
-                  + f" ({time.perf_counter() - t0:.1f} s)", flush=True)
+
+    def score(rec):
+        return [margin_score(replay(ev.model, p, rec, recipe.delay, recipe.chunk_size, recipe.replay_recompute)[0],
+                             rec.full_margins)[0] for p in policies]
+
+    scores = score_recordings(ev, args.samples, score)
     print("\nvariants: " + " | ".join(args.variant))
-    for task in sorted({t for t, _ in scores}):
-        for half, name in ((False, "first half"), (True, "second half")):
-            v = [s for (t, _), (d, s) in scores.items() if t == task and (d >= 0.5) == half]
-            if v:
-                print(f"{task} {name} (n={len(v)}): " + " ".join(f"{x:.3f}" for x in np.mean(v, axis=0)))
-    print(f"all (n={len(scores)}): " + " ".join(f"{x:.3f}" for x in np.mean([s for _, s in scores.values()], 0)))
+    print_means(scores)
     tasks = sorted({t for t, _ in scores})
     for j in range(1, len(policies)):
         groups = [np.array([[s[j], s[0]] for (t, _), (_, s) in scores.items() if t == task]) for task in tasks]
