@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from namm.evolution.replay import ReplayEvaluator
 from namm.tasks.synthetic import default_depth
@@ -19,7 +20,7 @@ from namm.tasks.synthetic import default_depth
 Scores = dict[tuple[str, int], tuple[float, np.ndarray]]
 
 
-def score_recordings(ev: ReplayEvaluator, samples: int, score: Callable[[object], np.ndarray],
+def score_recordings(ev: ReplayEvaluator, samples: int, score: Callable[[object], ArrayLike],
                      digits: int = 3) -> Scores:
     """``score(recording)`` for the first ``samples`` training recordings of every task of the run's first stage
     (recorded when missing), one printed line per sample."""

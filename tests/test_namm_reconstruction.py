@@ -14,9 +14,11 @@ from namm.memory.features import RECONSTRUCTION_KEY
 from namm.policies import KVzip
 
 
-def reconstruction_namm(budget: float = 0.5) -> NAMM:
-    """A NAMM whose score is its standardised log reconstruction attention (the last feature) and nothing else."""
-    cfg = NAMMConfig(hop=4, n_fft=8, delay=16, budget=budget, spectral_norm="per_head", reconstruction_feature=True)
+def reconstruction_namm(budget: float = 0.5, **config) -> NAMM:
+    """A NAMM whose score is its log reconstruction attention (the last feature) and nothing else; ``config``: more
+    :class:`NAMMConfig` fields (e.g. its keep rule)."""
+    cfg = NAMMConfig(hop=4, n_fft=8, delay=16, budget=budget, spectral_norm="per_head", reconstruction_feature=True,
+                     **config)
     named = unflatten(torch.zeros(param_count(cfg)), cfg)
     named["head_weight"][-1, 0] = 1.0
     return NAMM(cfg, params=flatten(named, cfg), budget=budget)
@@ -85,16 +87,10 @@ def test_with_kvzips_keep_rule_the_reconstruction_rule_is_kvzip(tokenizer):
         return namm.generate(model, tokenizer, prompt, policy, max_new_tokens=6, delay=16, chunk_size=16,
                              ignore_eos=True, return_logits=True)
 
-    def rule(**keep_rule):
-        cfg = NAMMConfig(hop=4, n_fft=8, delay=16, budget=0.5, spectral_norm="per_head", reconstruction_feature=True,
-                         head_sharing=True, **keep_rule)
-        named = unflatten(torch.zeros(param_count(cfg)), cfg)
-        named["head_weight"][-1, 0] = 1.0
-        return NAMM(cfg, params=flatten(named, cfg), budget=0.5)
-
     kvzip = run(KVzip(budget=0.5))
-    ours = run(rule(sinks=4, always_keep_newest=False))
-    session8_rule = run(rule())  # the newest token forced, no sinks: the rule shipped until session 15
+    ours = run(reconstruction_namm(0.5, head_sharing=True, sinks=4, always_keep_newest=False))
+    # the newest token forced, no sinks: the rule shipped until session 15
+    session8_rule = run(reconstruction_namm(0.5, head_sharing=True))
     assert len(kvzip.stats.steps) >= 8 and ours.token_ids == kvzip.token_ids
     assert [s["kept"] for s in ours.stats.steps] == [s["kept"] for s in kvzip.stats.steps]
     assert any(len(set(row)) > 1 for s in ours.stats.steps for row in s["kept"]), "heads must hold different counts"
