@@ -1,7 +1,7 @@
 """Validate an evolution run's *start* (its initial parameters) exactly as the run validates its mean.
 
-One-off for session 16: runs/smollm2-replay-text validated its CMA-ES mean on seed 5300 at generations 10, 15
-and 20, but not the parameters it started from (the shipped memory, which is KVzip), so those validations had
+One-off for session 16: runs/smollm2-replay-text validated its CMA-ES mean on seed 5300 at generations 10
+and 20 (every 10, and at the stage end), but not the parameters it started from (the shipped memory, which is KVzip), so those validations had
 nothing to compare with. This builds the run's own evaluator, backend and validation samples (the code of the
 worktree on PYTHONPATH, the run's recipe and its stored full-cache scores) and scores the start with the same
 ``_score`` the run uses. Usage (after the run has stopped; it takes the run's lock):
