@@ -15,6 +15,7 @@ from namm.cache import MemoryCache
 from namm.memory import NAMM, NAMMConfig, param_count
 from namm.policies import H2O, Full, SnapKV
 from namm.policies.base import ALL_QUERIES, StepRequest, read_attention
+from namm.policies.selection import top_k_keep
 
 
 @pytest.fixture(autouse=True)
@@ -47,6 +48,17 @@ class WholeSpyH2O(SpyH2O):
     """The same, fed the whole matrix (``MemoryStep.attention``) instead of a stream."""
 
     request = StepRequest(queries=ALL_QUERIES, stream=False)
+
+
+@dataclass
+class UnevenSpyH2O(SpyH2O):
+    """The spy keeping 12 tokens in KV head 0 and 4 in head 1: the layers store their heads apart (ragged)."""
+
+    name = "uneven-spy-h2o"
+
+    def keep(self, step, scores):
+        k = torch.tensor([12, 4]).expand(step.valid.shape[0], 2)
+        return top_k_keep(scores, step.valid, k)
 
 
 @pytest.fixture
@@ -104,6 +116,33 @@ def test_reused_weights_equal_the_recomputed_ones(kind, spy, budget, batch, toke
     assert reused.token_ids == recomputed.token_ids
     torch.testing.assert_close(reused.logits, recomputed.logits, rtol=0, atol=1e-5)
     assert [s["kept"] for s in reused.stats.steps] == [s["kept"] for s in recomputed.stats.steps]
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["single", "left-padded"])
+def test_reused_weights_equal_the_recomputed_ones_when_heads_are_stored_apart(batch, tokenizer, monkeypatch, counted):
+    """The attention of a ragged layer runs head by head; its weights, stacked as the step sees them, are the
+    recomputed ones, and so are the outputs."""
+    model = tiny_model("llama")
+    prompts = [random_prompt(64, seed=1), random_prompt(41, seed=2)] if batch else random_prompt(64, seed=1)
+    runs = []
+
+    def run():
+        policy = UnevenSpyH2O(budget=12)
+        out = namm.generate(model, tokenizer, prompts, policy, max_new_tokens=17, delay=16, return_logits=True)
+        runs.append(policy.seen)
+        return out
+
+    reused, recomputed = _both_ways(monkeypatch, run)
+    # the first step (16) runs on whole layers, once per layer; the steps at 32, 48, 64 once per KV head
+    assert counted["explicit"] == 3 + 3 * 3 * 2
+    seen, ref = runs
+    assert seen.keys() == ref.keys()
+    for key in ref:
+        torch.testing.assert_close(seen[key], ref[key], rtol=0, atol=1e-5)
+    assert reused.token_ids == recomputed.token_ids
+    torch.testing.assert_close(reused.logits, recomputed.logits, rtol=0, atol=1e-5)
+    assert all(s["kept"][0] == [12, 4] for s in reused.stats.steps if s["n_seen"] >= 32)
+    assert reused.stats.padding_fraction == 0 or batch  # one row: nothing padded at all
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])  # Gemma 3: sliding layers stay on SDPA, 4 query heads per KV

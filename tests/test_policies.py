@@ -192,3 +192,30 @@ def test_h2o_streaming_matches_the_recomputed_matrix_in_a_cache(llama, tokenizer
         torch.testing.assert_close(a.state["h2o_acc"], b.state["h2o_acc"], rtol=1e-5, atol=1e-6)
         assert torch.equal(a.positions[a.valid], b.positions[b.valid])
     assert len(caches[0].stats.steps) == len(caches[1].stats.steps) > 0
+
+
+def test_snapkv_pools_over_valid_neighbours_wherever_the_padding_sits():
+    """A head's slots in two layouts: padding between old and new tokens (a store padded to its longest head) and
+    none at all. The pooled scores of the valid slots are the same, and with no padding SnapKV pools as kvpress
+    does (zero-padded edges counted in the average)."""
+    g = torch.Generator().manual_seed(0)
+    t, q = 10, 3
+    attention = torch.rand(1, 1, q, t, generator=g)
+    valid = torch.ones(1, 1, t, dtype=torch.bool)
+    valid[..., 4:7] = False  # 3 padding slots inside the head
+    attention = attention * valid[:, :, None, :]
+    positions = torch.arange(t).view(1, 1, t)
+
+    def scores(att, val, pos):
+        n = att.shape[-1]
+        step = MemoryStep(layer_idx=0, num_layers=1, keys=torch.zeros(1, 1, n, 4), values=torch.zeros(1, 1, n, 4),
+                          positions=pos, valid=val, attention=att, query_positions=torch.arange(n - q, n),
+                          n_seen=20, n_real=torch.tensor([20]))
+        return SnapKV(budget=4, window=1, kernel=3).score(step)
+
+    padded = scores(attention, valid, positions)
+    packed = scores(attention[..., valid[0, 0]], valid[..., valid[0, 0]], positions[..., valid[0, 0]])
+    torch.testing.assert_close(padded[..., valid[0, 0]], packed)
+    mean = attention.mean(dim=2)[0, 0, valid[0, 0]]
+    assert torch.isclose(packed[0, 0, 0], (mean[0] + mean[1]) / 3)  # the left edge: kvpress' zero padding counts
+    assert torch.isclose(packed[0, 0, 3], (mean[2] + mean[3] + mean[4]) / 3)  # neighbours across the old padding

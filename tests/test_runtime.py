@@ -10,6 +10,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import namm
+import namm.store
 from conftest import random_prompt, tiny_model, with_cache
 from namm.policies import H2O, Full, Policy, SnapKV
 from namm.policies.base import ALL_QUERIES, StepRequest
@@ -90,7 +91,11 @@ AttentionMaskInterface.register("head_masked", sdpa_mask)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_eviction_equals_masking_that_head(kind, tokenizer):
+@pytest.mark.parametrize("ragged", [True, False], ids=["heads-apart", "padded"])
+def test_eviction_equals_masking_that_head(kind, ragged, tokenizer, monkeypatch):
+    """Heads evicting different numbers of tokens: stored apart (the default here) or padded to the longest."""
+    if not ragged:
+        monkeypatch.setattr(namm.store, "RAGGED_MIN_SAVING", 1.0)
     model = tiny_model(kind)
     g = torch.Generator().manual_seed(1)
     hide = {
@@ -106,6 +111,7 @@ def test_eviction_equals_masking_that_head(kind, tokenizer):
     with torch.no_grad():
         model(ids, **with_cache(model, cache))
         assert not cache.layers[0].dense
+        assert [cache.layers[i].ragged for i in range(3)] == [ragged] * 3
         kept = cache.kept_tokens()
         assert kept[0, 0, 1] == 64 - 20 and kept[1, 0, 0] == 64 - 35 and kept[2, 0, 1] == 64 - 45
         got = torch.cat([model(extra[:, i : i + 1], **with_cache(model, cache)).logits for i in range(4)], dim=1)

@@ -9,6 +9,7 @@ import torch
 from transformers.cache_utils import Cache
 
 import namm
+import namm.store
 from conftest import random_prompt, tiny_model
 from namm.attention import ManagedCall, clear_pending, hand_over, real_tokens, take
 from namm.errors import NammError
@@ -62,7 +63,17 @@ def test_the_slot_mask_is_validity_plus_causality_over_the_last_call():
     assert mask[1, 1, 2].tolist() == [True] * 5 + [False, True, True]
 
 
-def test_compact_keeps_the_chosen_slots_in_position_order_with_their_state():
+def _uneven_keep() -> torch.Tensor:
+    """Row 0 keeps 2 tokens in head 0 and 3 in head 1; row 1 keeps 1 in each (B = H = 2, 6 slots)."""
+    keep = torch.zeros(B, H, 6, dtype=torch.bool)
+    keep[0, 0, [1, 4]] = True
+    keep[0, 1, [0, 2, 5]] = True
+    keep[1, :, [3]] = True
+    return keep
+
+
+def test_compact_keeps_the_chosen_slots_in_position_order_with_their_state(monkeypatch):
+    monkeypatch.setattr(namm.store, "RAGGED_MIN_SAVING", 1.0)  # stored whole, padded to the longest head
     layer = _store(6)
     layer.state["s"] = torch.arange(6.0).expand(B, H, 6).clone()
     keep = torch.zeros(B, H, 6, dtype=torch.bool)
@@ -77,6 +88,64 @@ def test_compact_keeps_the_chosen_slots_in_position_order_with_their_state():
     assert layer.state["s"][0, 1].tolist() == [0.0, 2.0, 5.0]
     torch.testing.assert_close(layer.keys[0, 1], before[0, 1, [0, 2, 5]], rtol=0, atol=0)
     assert layer.valid[1, 0].tolist() == [True, False, False]
+    assert not layer.ragged and layer.nbytes == 2 * B * H * 3 * D * 4
+
+
+def test_uneven_heads_are_stored_apart_and_a_step_sees_them_stacked_at_the_front():
+    """Padding head 0 to head 1's 3 slots would waste 1 of 6 slots per row (>= RAGGED_MIN_SAVING): each head gets
+    a store of its own, as long as its longest row, and the step's view stacks them, newest slots last."""
+    layer = _store(6)
+    layer.state["s"] = torch.arange(6.0).expand(B, H, 6).clone()
+    before, values = layer.keys.clone(), layer.values.clone()
+    layer.compact(_uneven_keep())
+    assert layer.ragged and [h.slots for h in layer.heads] == [2, 3] and layer.slot_shape() == (B, H, 3)
+    assert layer.nbytes == 2 * B * (2 + 3) * D * 4 == sum(h.keys.nbytes + h.values.nbytes for h in layer.heads)
+    assert layer.storage_slots() == (B * (2 + 3), 2 + 3 + 1 + 1)
+    assert layer.kept_counts().tolist() == [[2, 3], [1, 1]]
+    assert layer.positions[0, 1].tolist() == [0, 2, 5] and layer.positions[0, 0, 1:].tolist() == [1, 4]
+    assert layer.valid[0, 0].tolist() == [False, True, True] and layer.valid[1, 0].tolist() == [False, True, False]
+    assert layer.state["s"][0, 0].tolist() == [0.0, 1.0, 4.0] and layer.state["s"][0, 1].tolist() == [0.0, 2.0, 5.0]
+    torch.testing.assert_close(layer.keys[0, 0, 1:], before[0, 0, [1, 4]], rtol=0, atol=0)
+    torch.testing.assert_close(layer.values[0, 1], values[0, 1, [0, 2, 5]], rtol=0, atol=0)
+    assert layer.step_nbytes() == 2 * B * H * 3 * D * 4  # the stacked copy a step works on
+
+    state = layer.state  # a stacked copy: a change is stored by assigning it back
+    state["s"] = state["s"] + 10
+    layer.state = state
+    assert layer.heads[0].state["s"][0, 0].tolist() == [11.0, 14.0]
+
+    k, v = _kv(2, seed=5)  # an append reaches every head; the attention reads the heads one by one
+    layer.update(k, v)
+    assert [h.slots for h in layer.heads] == [4, 5] and layer.n_seen == 8
+    torch.testing.assert_close(layer.keys[:, :, -2:], k, rtol=0, atol=0)
+    assert layer.positions[0, 0, -2:].tolist() == [6, 7] and layer.state["s"][0, 0, -2:].tolist() == [0.0, 0.0]
+    slots = layer.head_slots(2)
+    assert [s[0].shape for s in slots] == [(B, 1, 4, D), (B, 1, 5, D)]
+    assert slots[0][2].tolist()[1] == [[[True, False, True, False], [True, False, True, True]]]  # row 1, head 0
+    assert layer.head_slots(1)[1][2] is not None  # row 1 of head 1 has padding: a single query needs the mask too
+
+    keep = layer.valid.clone()  # a second compaction compacts each head on its own
+    keep[0, 1, -3] = False  # row 0 drops position 5 from head 1
+    layer.compact(keep)
+    assert layer.kept_counts().tolist() == [[4, 4], [3, 3]] and [h.slots for h in layer.heads] == [4, 4]
+    assert layer.positions[0, 1].tolist() == [0, 2, 6, 7]
+
+
+def test_a_ragged_layer_drops_a_probe_and_indexes_its_batch():
+    layer = _store(6)
+    layer.compact(_uneven_keep())
+    keys_before = layer.keys.clone()
+    k, v = _kv(3, seed=6)
+    layer.update(k, v)
+    probe_q = torch.randn(B, H * G, 3, D)
+    layer.keep_probe_queries(probe_q)
+    queries, keys = layer.drop_probe(6)
+    assert torch.equal(queries, probe_q) and layer.n_seen == 6
+    torch.testing.assert_close(keys, k, rtol=0, atol=0)
+    torch.testing.assert_close(layer.keys, keys_before, rtol=0, atol=0)
+    layer.index_batch(torch.tensor([0, 0, 1]))
+    assert layer.slot_shape() == (3, H, 3) and layer.kept_counts().tolist() == [[2, 3], [2, 3], [1, 1]]
+    torch.testing.assert_close(layer.keys[1], keys_before[0], rtol=0, atol=0)
 
 
 def test_index_batch_and_a_dropped_probe_leave_the_store_consistent():

@@ -7,14 +7,16 @@ layers, a plain ``DynamicCache``) it is exactly transformers' SDPA.
 The routing of a managed layer is one way. transformers calls ``cache.update(keys, values, layer_idx)``
 and then the attention function; the cache cannot be reached from the attention function's arguments,
 so :meth:`MemoryCache.update <namm.cache.MemoryCache.update>` leaves a :class:`ManagedCall` here
-(:func:`hand_over`) and the attention function takes it (:func:`take`). The call carries two callbacks
+(:func:`hand_over`) and the attention function takes it (:func:`take`). The call carries three callbacks
 of the cache, and the attention function
 
 1. reads from transformers' 4-D mask which of this call's tokens are real (left padding is not),
 2. asks ``call.slot_mask(q, real)`` for the mask over the layer's slots: ``None`` while nothing has been
    evicted (then transformers' own mask is used, so a cache that never evicts reproduces the model bit
    for bit), else a per-KV-head boolean mask from each slot's validity and absolute position (GQA handled
-   by folding the query heads of a group into the query axis, so keys and values are never repeated),
+   by folding the query heads of a group into the query axis, so keys and values are never repeated); for a
+   layer that stores each KV head apart (ragged, :mod:`namm.store`), ``call.head_slots(q)`` gives each head's
+   keys, values and mask instead, and the attention runs head by head (:func:`ragged_attention`),
 3. runs SDPA, and hands the queries back with ``call.attended(query, softcap)``: the cache keeps what the
    policy asked for and runs a memory step when one is due (:mod:`namm.step`).
 
@@ -58,6 +60,10 @@ class ManagedCall:
             head (padding query rows zero), when it was computed explicitly, else ``None``.
         wants_weights: the cache would use this call's weights (a memory step reading all its queries follows
             at once); the attention then computes them with :func:`explicit_attention` where it can.
+        head_slots: ``head_slots(q)``, after ``slot_mask``: for a layer that stores each KV head apart, per KV head
+            its keys ``(B, 1, T_h, D)``, values ``(B, 1, T_h, D_v)`` and the ``(B, 1, Q, T_h)`` bool mask of its
+            slots (``None``: every slot visible), stacked at the front to ``T = max T_h`` in the step's view;
+            ``None`` for a layer stored whole (the ``key`` and ``value`` the attention gets then).
     """
 
     layer_idx: int
@@ -65,6 +71,7 @@ class ManagedCall:
     slot_mask: Callable[[int, torch.Tensor | None], torch.Tensor | None]
     attended: Callable[[torch.Tensor, float | None, torch.Tensor | None], None]
     wants_weights: bool = False
+    head_slots: Callable[[int], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None] = lambda q: None
 
 
 # The handoff between the cache's ``update`` and the attention call that follows it in the same module.
@@ -135,13 +142,17 @@ def namm_attention(
     q = query.shape[2]
     real = real_tokens(attention_mask, call.n_seen, q)
     allowed = call.slot_mask(q, real)
+    heads = call.head_slots(q)
     softcap = kwargs.get("softcap")
     weights = None
     # Explicit only where it computes what SDPA does: no soft-cap (SDPA ignores it), no dropout, no sinks, and a
     # boolean (or no) mask from transformers while the layer is dense.
-    explicit = (call.wants_weights and softcap is None and not dropout and kwargs.get("s_aux") is None
-                and (allowed is not None or attention_mask is None or attention_mask.dtype == torch.bool))
-    if explicit:
+    plain = softcap is None and not dropout and kwargs.get("s_aux") is None
+    explicit = call.wants_weights and plain and (
+        allowed is not None or heads is not None or attention_mask is None or attention_mask.dtype == torch.bool)
+    if heads is not None:
+        out, weights = ragged_attention(query, heads, scaling, real, explicit)
+    elif explicit:
         if allowed is None:
             allowed = _dense_mask(attention_mask, q, key.shape[2], key.device)
         out, weights = explicit_attention(query, key, value, allowed, scaling, real)
@@ -217,10 +228,57 @@ def explicit_attention(
     return out.view(b, hq, q, dv).transpose(1, 2).contiguous(), weights
 
 
+def ragged_attention(
+    query: torch.Tensor,
+    heads: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+    scaling: float | None,
+    real: torch.Tensor | None,
+    with_weights: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention over a layer whose KV heads are stored apart, one call per KV head.
+
+    Args:
+        query: ``(B, H_q, Q, D)``; query heads ``h*G .. h*G+G-1`` read KV head ``h`` (repeat_kv order).
+        heads: per KV head, keys ``(B, 1, T_h, D)``, values ``(B, 1, T_h, D_v)`` and the ``(B, 1, Q, T_h)`` bool mask
+            of visible slots (``None``: all), as :meth:`namm.store.EvictingLayer.head_slots` gives them.
+        scaling: the softmax scale (``None``: ``D ** -0.5``).
+        real: ``(B, Q)`` bool, which queries are real (``None``: all).
+        with_weights: compute the attention explicitly (:func:`explicit_attention`) and return its weights.
+
+    Returns:
+        the output ``(B, Q, H_q, D_v)`` and, with ``with_weights``, the ``(B, H, Q, T)`` float32 weights averaged over
+        each KV head's query heads, each head's ``T_h`` slots the last of ``T = max T_h`` (as the memory step stacks
+        them), else ``None``.
+    """
+    b, hq, q, _ = query.shape
+    g = hq // len(heads)
+    outs, weights = [], None
+    if with_weights:
+        t = max(k.shape[2] for k, _, _ in heads)
+        weights = torch.zeros(b, len(heads), q, t, dtype=torch.float32, device=query.device)
+    for h, (keys, values, allowed) in enumerate(heads):
+        group = query[:, h * g : (h + 1) * g]  # (B, G, Q, D)
+        if with_weights:
+            if allowed is None:
+                allowed = torch.ones(1, 1, q, keys.shape[2], dtype=torch.bool, device=keys.device)
+            out, w = explicit_attention(group, keys, values, allowed, scaling, real)  # (B, Q, G, D_v)
+            weights[:, h : h + 1, :, t - keys.shape[2] :] = w
+            outs.append(out)
+        else:  # the G query heads read the head's keys and values through a stride-0 view; the mask broadcasts
+            n = keys.shape[2]
+            outs.append(torch.nn.functional.scaled_dot_product_attention(
+                group, keys.expand(b, g, n, keys.shape[-1]), values.expand(b, g, n, values.shape[-1]),
+                attn_mask=allowed, scale=scaling))  # (B, G, Q, D_v)
+    if with_weights:
+        return torch.cat(outs, dim=2), weights
+    return torch.cat(outs, dim=1).transpose(1, 2).contiguous(), None
+
+
 def _per_head_sdpa(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, scaling: float | None
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, scaling: float | None
 ) -> torch.Tensor:
-    """SDPA with a per-KV-head mask ``allowed`` ``(B, H, Q, T)``; the G query heads of a group share it.
+    """SDPA with a per-KV-head mask ``allowed`` ``(B, H, Q, T)`` (``None``: every slot visible); the G query heads of
+    a group share it.
 
     Each KV head becomes a batch row whose G query heads read it through an expanded (stride-0) view, so the mask
     is passed as a ``(B*H, 1, Q, T)`` view that broadcasts over the G heads: nothing of size ``G*Q*T`` is built
@@ -233,7 +291,7 @@ def _per_head_sdpa(
     per_kv = query.reshape(b * h, g, q, d)  # query heads h*G..h*G+G-1 read KV head h (repeat_kv order)
     keys = key.reshape(b * h, 1, t, d).expand(b * h, g, t, d)
     values = value.reshape(b * h, 1, t, value.shape[-1]).expand(b * h, g, t, value.shape[-1])
-    mask = allowed.reshape(b * h, 1, q, t)
+    mask = None if allowed is None else allowed.reshape(b * h, 1, q, t)
     out = torch.nn.functional.scaled_dot_product_attention(per_kv, keys, values, attn_mask=mask, scale=scaling)
     return out.reshape(b, hq, q, value.shape[-1]).transpose(1, 2).contiguous()
 

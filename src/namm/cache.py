@@ -4,7 +4,7 @@ Data flows one way: engine -> cache -> policy -> eviction.
 
 * :class:`MemoryCache` is the orchestrator. transformers calls its :meth:`~MemoryCache.update` for every
   layer; for a managed (full-attention) layer it appends to the layer's store and hands the attention call
-  that follows a :class:`~namm.attention.ManagedCall` (two callbacks of the cache). After the attention the
+  that follows a :class:`~namm.attention.ManagedCall` (three callbacks of the cache). After the attention the
   cache keeps the queries the policy's :class:`~namm.policies.base.StepRequest` asks for and, when the
   layer's absolute token count reaches or crosses a multiple of ``delay``, runs a memory step
   (:func:`namm.step.run_step`: build the :class:`~namm.policies.base.MemoryStep`, call the policy, compact).
@@ -111,7 +111,8 @@ class MemoryCache(Cache):
         self._layer_bytes: dict[int, int] = {}
         self._bytes_total = 0
         self._callbacks = {
-            lay.layer_idx: (self._slot_mask_for(lay), self._attended_by(lay)) for lay in self.managed
+            lay.layer_idx: (self._slot_mask_for(lay), self._attended_by(lay), self._head_slots_for(lay))
+            for lay in self.managed
         }
         clear_pending()
 
@@ -130,9 +131,9 @@ class MemoryCache(Cache):
             self.end_prompt()
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         self._account(layer)
-        slot_mask, attended = self._callbacks[layer_idx]
+        slot_mask, attended, head_slots = self._callbacks[layer_idx]
         wants_weights = self._wants_weights(layer, key_states.shape[2])
-        hand_over(ManagedCall(layer_idx, layer.n_seen, slot_mask, attended, wants_weights))
+        hand_over(ManagedCall(layer_idx, layer.n_seen, slot_mask, attended, wants_weights, head_slots))
         return keys, values
 
     def _wants_weights(self, layer: EvictingLayer, q: int) -> bool:
@@ -147,7 +148,7 @@ class MemoryCache(Cache):
         if (not self.reuse_attention or self.policy.request.queries != ALL_QUERIES or self.probing or self._held
                 or layer.queries is not None):
             return False
-        b, h, t = layer.keys.shape[:3]
+        b, h, t = layer.slot_shape()
         return self._due(layer) and b * h * q * t <= ATTENTION_CHUNK_ELEMENTS
 
     def append(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -164,9 +165,16 @@ class MemoryCache(Cache):
         def slot_mask(q: int, real: torch.Tensor | None) -> torch.Tensor | None:
             if real is not None:
                 layer.mark_padding(real)
-            return None if layer.dense else layer.slot_mask(q)
+            return None if layer.dense or layer.ragged else layer.slot_mask(q)
 
         return slot_mask
+
+    @staticmethod
+    def _head_slots_for(layer: EvictingLayer):
+        def head_slots(q: int):
+            return layer.head_slots(q) if layer.ragged else None
+
+        return head_slots
 
     def _attended_by(self, layer: EvictingLayer):
         # a weak reference: the cache holds this callback, so a strong one would make a reference cycle, and every
@@ -202,6 +210,7 @@ class MemoryCache(Cache):
     def _step(self, layer: EvictingLayer, weights: torch.Tensor | None = None) -> None:
         """Run the policy's memory step in ``layer`` now and record it (``weights``: see :func:`run_step`)."""
         probe = self._probes.pop(layer.layer_idx, None)
+        self._account(layer, during_step=True)  # a ragged layer's step works on a stacked copy of it
         record: StepRecord = run_step(layer, self.policy, self._context(layer), probe, weights)
         self.stats.steps.append(record)
         self.stats.memory_seconds += record.seconds
@@ -234,15 +243,19 @@ class MemoryCache(Cache):
     def batch_rows(self) -> int:
         """Batch rows the cache holds (0 before the first token)."""
         first = self.layers[self.managed_ids[0]]
-        return first.keys.shape[0] if first.is_initialized else 0
+        return first.slot_shape()[0] if first.is_initialized else 0
 
-    def _account(self, layer: EvictingLayer) -> None:
-        """Track the exact storage bytes of the managed layers and their peak (plus the others' now)."""
+    def _account(self, layer: EvictingLayer, during_step: bool = False) -> None:
+        """Track the exact storage bytes of the managed layers and their peak (plus the others' now).
+
+        ``during_step``: a memory step of ``layer`` starts; a ragged layer's stacked copy counts towards the peak.
+        """
         new = layer.nbytes
         self._bytes_total += new - self._layer_bytes.get(layer.layer_idx, 0)
         self._layer_bytes[layer.layer_idx] = new
+        transient = layer.step_nbytes() if during_step and layer.ragged else 0
         others = sum(lay.keys.nbytes + lay.values.nbytes for lay in self._unmanaged if lay.is_initialized)
-        self.stats.peak_bytes = max(self.stats.peak_bytes, self._bytes_total + others)
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self._bytes_total + others + transient)
 
     # --- batch rows (transformers' Cache API) ------------------------------------------------------
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -323,7 +336,8 @@ class MemoryCache(Cache):
     def kv_bytes(self) -> int:
         """Bytes of key/value storage in every layer now (padding slots included)."""
         return sum(
-            lay.keys.nbytes + lay.values.nbytes for lay in self.layers if getattr(lay, "is_initialized", False)
+            (lay.nbytes if isinstance(lay, EvictingLayer) else lay.keys.nbytes + lay.values.nbytes)
+            for lay in self.layers if getattr(lay, "is_initialized", False)
         )
 
     def kept_tokens(self) -> torch.Tensor:
@@ -332,8 +346,8 @@ class MemoryCache(Cache):
 
     def padding_fraction(self) -> float:
         """Fraction of managed storage slots that are invalid (per-head compaction padding)."""
-        slots = sum(layer.valid.numel() for layer in self.managed if layer.is_initialized)
-        valid = sum(int(layer.valid.sum()) for layer in self.managed if layer.is_initialized)
+        counts = [layer.storage_slots() for layer in self.managed if layer.is_initialized]
+        slots, valid = sum(c[0] for c in counts), sum(c[1] for c in counts)
         return 1.0 - valid / slots if slots else 0.0
 
 

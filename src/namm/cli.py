@@ -248,7 +248,7 @@ def build_task(name: str, truncate: bool = True):
 
 def _summary_table(title: str, rows: list[dict], relative: bool = True) -> Table:
     table = Table(title=title)
-    columns = ["policy", "budget", "score", "vs full", "mean KV tokens", "cache", "peak KV tokens", "s/sample"]
+    columns = ["policy", "budget", "score", "vs full", "mean KV tokens", "cache", "peak KV MiB", "s/sample"]
     if not relative:
         columns.remove("vs full")
     for col in columns:
@@ -256,7 +256,7 @@ def _summary_table(title: str, rows: list[dict], relative: bool = True) -> Table
     for r in rows:
         ratio = "-" if math.isnan(r["relative"]) else f"{r['relative']:.2f}"  # nan: full scored 0
         cells = [r["policy"], r["budget"], f"{r['score']:.1f}", ratio, f"{r['mean_kv_tokens']:.0f}",
-                 f"{r['cache_fraction']:.0%}", str(r["peak_kv_tokens"]), f"{r['seconds']:.1f}"]
+                 f"{r['cache_fraction']:.0%}", f"{r['peak_kv_mib']:.1f}", f"{r['seconds']:.1f}"]
         if not relative:
             del cells[3]
         table.add_row(*cells)

@@ -224,6 +224,7 @@ class Entry:
             "mean_kv_tokens": statistics.fmean(r["mean_kv_tokens"] for r in self.records),
             "cache_fraction": statistics.fmean(r["cache_fraction"] for r in self.records),
             "peak_kv_tokens": max(r["peak_kv_tokens"] for r in self.records),
+            "peak_kv_mib": max(r.get("peak_kv_bytes", 0) for r in self.records) / 2**20,
             "seconds": statistics.fmean(r["seconds"] for r in self.records),
             "samples": len(self.records),
         }

@@ -74,7 +74,8 @@ def _causal(n: int, device) -> torch.Tensor:
 
 
 def recompute_attention(
-    layer: EvictingLayer, scaling: float, softcap: float | None, bounds: list[int]
+    layer: EvictingLayer, scaling: float, softcap: float | None, bounds: list[int],
+    keys: torch.Tensor | None = None, valid: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     """Recompute, block by block, the softmax attention of the layer's kept queries against its current slots.
 
@@ -87,20 +88,25 @@ def recompute_attention(
         layer: the store, with ``queries`` ``(B, H_q, Q, D)``.
         scaling, softcap: the layer's softmax scale and logit soft-cap (``None``: none).
         bounds: increasing query indices ``0 = b_0 < b_1 < ... = Q``.
+        keys, valid: the layer's ``(B, H, T, D)`` keys and ``(B, H, T)`` validity, where the caller holds them
+            already (a ragged layer's are stacked copies; ``None``: read them from the layer).
 
     Yields:
         for each range ``b_i:b_(i+1)`` (``L`` queries), a ``(B, H, L, V)`` float32 tensor: the attention
         those queries gave the first ``V = T - Q + b_(i+1)`` slots, averaged over the query heads of each
         KV head (rows of padding queries are zero). Later slots are in the queries' future: zero.
     """
+    keys = layer.keys if keys is None else keys
     b, hq, nq, d = layer.queries.shape
-    h, t = layer.keys.shape[1], layer.keys.shape[2]
+    h, t = keys.shape[1], keys.shape[2]
     g = hq // h
     queries = layer.queries.view(b, h, g, nq, d)
-    keys_t = layer.keys.float().transpose(-1, -2).contiguous()  # (B, H, D, T): one copy, sliced per block
+    keys_t = keys.float().transpose(-1, -2).contiguous()  # (B, H, D, T): one copy, sliced per block
     # (B, H, 1, 1, T), or None when every slot is valid: a layer compacted to equal per-head budgets (every classic
     # policy, a NAMM without head sharing) has no padding slots, and the fill would be a pass over every logit.
-    hidden = None if layer.dense or bool(layer.valid.all()) else ~layer.valid[:, :, None, None, :]
+    if not layer.dense:
+        valid = layer.valid if valid is None else valid
+    hidden = None if layer.dense or bool(valid.all()) else ~valid[:, :, None, None, :]
     causal = _causal(nq, layer.device)
     real = layer.real[:, layer.n_seen - nq :] if layer.padded else None
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
@@ -135,28 +141,36 @@ def given_attention(weights: torch.Tensor, bounds: list[int]) -> Iterator[torch.
         yield weights[:, :, lo:hi, : t - nq + hi]
 
 
-def whole_attention(layer: EvictingLayer, scaling: float, softcap: float | None) -> torch.Tensor:
+def whole_attention(
+    layer: EvictingLayer, scaling: float, softcap: float | None,
+    keys: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``(B, H, Q, T)`` float32: :func:`recompute_attention` for every kept query at once (padding rows zero)."""
     b, hq, nq, _ = layer.queries.shape
-    h, t = layer.keys.shape[1], layer.keys.shape[2]
+    _, h, t = layer.slot_shape()
     out = torch.zeros(b, h, nq, t, dtype=torch.float32, device=layer.device)
     per_block = max(1, ATTENTION_CHUNK_ELEMENTS // max(1, b * hq * t))  # bounds the transient logits
     bounds = [*range(0, nq, per_block), nq]
-    for lo, att in zip(bounds, recompute_attention(layer, scaling, softcap, bounds), strict=False):
+    blocks = recompute_attention(layer, scaling, softcap, bounds, keys, valid)
+    for lo, att in zip(bounds, blocks, strict=False):
         out[:, :, lo : lo + att.shape[2], : att.shape[3]] = att
     return out
 
 
-def step_view(layer: EvictingLayer, context: LayerContext, probe: Probe | None = None, **attention) -> MemoryStep:
+def step_view(
+    layer: EvictingLayer, context: LayerContext, probe: Probe | None = None,
+    keys: torch.Tensor | None = None, valid: torch.Tensor | None = None, **attention,
+) -> MemoryStep:
     """The :class:`MemoryStep` a policy sees for ``layer`` now; ``attention`` may give ``attention``,
-    ``query_positions`` and ``attention_stream`` (none by default)."""
+    ``query_positions`` and ``attention_stream`` (none by default); ``keys`` and ``valid`` as
+    :func:`recompute_attention` takes them."""
     return MemoryStep(
         layer_idx=layer.layer_idx,
         num_layers=context.num_layers,
-        keys=layer.keys,
+        keys=layer.keys if keys is None else keys,
         values=layer.values,
         positions=layer.positions,
-        valid=layer.valid,
+        valid=layer.valid if valid is None else valid,
         attention=attention.get("attention"),
         query_positions=attention.get("query_positions"),
         attention_stream=attention.get("attention_stream"),
@@ -182,6 +196,7 @@ def run_step(
     """
     start = time.perf_counter()
     request = policy.request
+    keys, valid = layer.keys, layer.valid  # a ragged layer's are stacked copies: made once per step
     attention = {}
     if request.attention and layer.queries is not None:
         attention["query_positions"] = layer.query_positions()
@@ -192,16 +207,16 @@ def run_step(
                 attention["attention"] = weights
         elif request.stream:
             attention["attention_stream"] = functools.partial(
-                recompute_attention, layer, context.scaling, context.softcap
+                recompute_attention, layer, context.scaling, context.softcap, keys=keys, valid=valid
             )
         else:
-            attention["attention"] = whole_attention(layer, context.scaling, context.softcap)
-    step = step_view(layer, context, probe, **attention)
+            attention["attention"] = whole_attention(layer, context.scaling, context.softcap, keys, valid)
+    step = step_view(layer, context, probe, keys, valid, **attention)
     scores = policy.score(step)
-    keep = policy.keep(step, scores) & layer.valid
+    keep = policy.keep(step, scores) & valid
     layer.state = step.state
-    before = layer.valid.sum(dim=-1)
-    if not bool((keep == layer.valid).all()) or not bool(layer.valid.all()):
+    before = valid.sum(dim=-1)
+    if not bool((keep == valid).all()) or not bool(valid.all()):
         layer.compact(keep)
     layer.mark_stepped()
     return StepRecord(layer.layer_idx, layer.n_seen, keep.sum(dim=-1).cpu(), before.cpu(), time.perf_counter() - start)

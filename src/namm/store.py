@@ -7,7 +7,13 @@ keep mask, index its batch and take a probe's tokens out again. It decides nothi
 runs and *what* it keeps is :class:`namm.cache.MemoryCache`'s business (with :mod:`namm.step`), which also
 accounts for the bytes stored.
 
-After a compaction the storage is shrunk to the longest head; shorter heads are padded with invalid slots.
+After a compaction the storage is shrunk to the longest head; shorter heads are padded with invalid slots. Where
+that padding would be a large share of the layer (a policy that shares one budget between heads, so that one head
+keeps nearly all of its tokens and another few), the layer stores each KV head apart instead (*ragged*: one
+single-head store per KV head, each as long as its own kept tokens), so the bytes stored are the tokens kept. A
+ragged layer still shows a memory step the usual ``(B, H, T, ...)`` tensors (:attr:`EvictingLayer.keys` and the
+rest stack the heads, padded at the front, for the length of the step), and its attention runs head by head
+(:meth:`EvictingLayer.head_slots`).
 Keys are stored post-RoPE, so evicting tokens does not move anyone's position; new tokens keep absolute
 positions (``get_seq_length`` is the number of tokens processed, not the number stored).
 """
@@ -21,6 +27,10 @@ from namm.errors import NammError
 
 #: Room a new append buffer gets beyond what it holds: at least this many slots, and at least a quarter more.
 HEADROOM = 256
+
+#: A compaction after which at least this share of a layer's slots would be padding between its KV heads stores
+#: each head apart (ragged), so the padding is not stored.
+RAGGED_MIN_SAVING = 0.125
 
 
 def _append_in_place(
@@ -46,6 +56,23 @@ def _append_in_place(
     return buffer.narrow(dim, 0, n + m), buffer
 
 
+def _gather_slots(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t`` ``(B, H, T, ...)`` at slots ``idx`` ``(B, H, T')`` (along dim 2)."""
+    index = idx.view(*idx.shape, *([1] * (t.dim() - 3))).expand(*idx.shape, *t.shape[3:])
+    return t.gather(2, index)
+
+
+def _stack_heads(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``(B, H, T, ...)``: single-head ``(B, 1, T_h, ...)`` tensors side by side, each padded with zeros (False)
+    at the front to the longest ``T``, so that every head's newest slot is the last."""
+    t = max(p.shape[2] for p in parts)
+    first = parts[0]
+    out = first.new_zeros(first.shape[0], len(parts), t, *first.shape[3:])
+    for h, part in enumerate(parts):
+        out[:, h : h + 1, t - part.shape[2] :] = part
+    return out
+
+
 def _lower_triangle(n: int, device) -> torch.Tensor:
     """``(n, n)`` bool, True on and below the diagonal."""
     return torch.ones(n, n, dtype=torch.bool, device=device).tril_()
@@ -68,6 +95,8 @@ class EvictingLayer(DynamicLayer):
     is_croppable = False
 
     def __init__(self, layer_idx: int):
+        self.heads: list[EvictingLayer] | None = None  # ragged: one single-head store per KV head
+        self._state: dict[str, torch.Tensor] = {}
         super().__init__()
         self.layer_idx = layer_idx
         self.n_seen = 0
@@ -79,7 +108,6 @@ class EvictingLayer(DynamicLayer):
         self._positions: torch.Tensor | None = None
         self._valid: torch.Tensor | None = None
         self._real: torch.Tensor | None = None
-        self.state: dict[str, torch.Tensor] = {}
         self.queries: torch.Tensor | None = None
         self.probe_queries: torch.Tensor | None = None
         # Storage with room to grow, by name ("keys", "values", "positions", "valid", "real", "queries",
@@ -89,9 +117,80 @@ class EvictingLayer(DynamicLayer):
         # leaves the view and the next append starts a new buffer from it (:func:`_append_in_place`).
         self._buffers: dict[str, torch.Tensor] = {}
 
+    # --- stored tensors (stacked over the heads when ragged) ---------------------------------------
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """``(B, H, T, D)``; when ragged, a stacked copy (for a memory step, not for the attention)."""
+        return self._keys if self.heads is None else _stack_heads([h.keys for h in self.heads])
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._keys = value
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """``(B, H, T, D_v)``; when ragged, a stacked copy."""
+        return self._values if self.heads is None else _stack_heads([h.values for h in self.heads])
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._values = value
+
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        """Per-token policy state, ``name -> (B, H, T, ...)``; when ragged, stacked copies: assign the dict back
+        (``layer.state = state``) to store a change."""
+        if self.heads is None:
+            return self._state
+        return {name: _stack_heads([h.state[name] for h in self.heads]) for name in self.heads[0].state}
+
+    @state.setter
+    def state(self, value: dict[str, torch.Tensor]) -> None:
+        if self.heads is None:
+            self._state = value
+            return
+        for h, head in enumerate(self.heads):
+            n = head.slots
+            head.state = {name: t[:, h : h + 1, t.shape[2] - n :] for name, t in value.items()}
+
+    @property
+    def ragged(self) -> bool:
+        """Whether each KV head is stored apart (see the module's docstring)."""
+        return self.heads is not None
+
+    @property
+    def slots(self) -> int:
+        """Slots per head and row as a memory step sees them (``T``; when ragged, the longest head's)."""
+        return self._keys.shape[2] if self.heads is None else max(h.slots for h in self.heads)
+
+    def slot_shape(self) -> tuple[int, int, int]:
+        """``(B, H, T)`` of the tensors a memory step sees (no stacked copy is made)."""
+        if self.heads is None:
+            return tuple(self._keys.shape[:3])
+        return self.heads[0]._keys.shape[0], len(self.heads), self.slots
+
+    def step_nbytes(self) -> int:
+        """Bytes of the keys and values a memory step sees: the stored ones, or, when ragged, the stacked copy
+        that exists while the step runs."""
+        if self.heads is None:
+            return self.nbytes
+        b, h, t = self.slot_shape()
+        first = self.heads[0]
+        return b * h * t * (first._keys.shape[-1] * first._keys.element_size()
+                            + first._values.shape[-1] * first._values.element_size())
+
+    def storage_slots(self) -> tuple[int, int]:
+        """``(stored, valid)`` slot counts over rows and heads (padding is ``stored - valid``)."""
+        if self.heads is not None:
+            counts = [h.storage_slots() for h in self.heads]
+            return sum(c[0] for c in counts), sum(c[1] for c in counts)
+        return self.valid.numel(), int(self.valid.sum())
+
     # --- slot metadata -----------------------------------------------------------------------------
     @property
     def positions(self) -> torch.Tensor:
+        if self.heads is not None:
+            return _stack_heads([h.positions for h in self.heads])
         if self._positions is None:
             b, h, t = self.keys.shape[:3]
             self._positions = torch.arange(t, device=self.device).expand(b, h, t).clone()
@@ -103,6 +202,8 @@ class EvictingLayer(DynamicLayer):
 
     @property
     def valid(self) -> torch.Tensor:
+        if self.heads is not None:
+            return _stack_heads([h.valid for h in self.heads])
         if self._valid is None:
             self._valid = torch.ones(self.keys.shape[:3], dtype=torch.bool, device=self.device)
         return self._valid
@@ -114,7 +215,7 @@ class EvictingLayer(DynamicLayer):
     @property
     def real(self) -> torch.Tensor:
         if self._real is None:
-            self._real = torch.ones(self.keys.shape[0], self.n_seen, dtype=torch.bool, device=self.device)
+            self._real = torch.ones(self.slot_shape()[0], self.n_seen, dtype=torch.bool, device=self.device)
         return self._real
 
     @real.setter
@@ -127,6 +228,8 @@ class EvictingLayer(DynamicLayer):
 
     def kept_counts(self) -> torch.Tensor:
         """``(B, H)`` valid tokens per row and head."""
+        if self.heads is not None:
+            return torch.cat([h.kept_counts() for h in self.heads], dim=1)
         if self._valid is None:
             return torch.full(self.keys.shape[:2], self.keys.shape[2], dtype=torch.long, device=self.device)
         return self._valid.sum(dim=-1)
@@ -135,7 +238,9 @@ class EvictingLayer(DynamicLayer):
     def nbytes(self) -> int:
         """Bytes of key/value storage (padding slots included; 0 before the first token). The append buffers
         hold up to ``max(HEADROOM, a quarter)`` more slots than this, allocated but not yet written."""
-        return self.keys.nbytes + self.values.nbytes if self.is_initialized else 0
+        if self.heads is not None:
+            return sum(h.nbytes for h in self.heads)
+        return self._keys.nbytes + self._values.nbytes if self.is_initialized else 0
 
     # --- transformers Cache layer API -------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -143,6 +248,8 @@ class EvictingLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, h, q, _ = key_states.shape
+        if self.heads is not None:
+            return self._update_heads(key_states, value_states)
         if self._positions is not None:
             new_pos = torch.arange(self.n_seen, self.n_seen + q, device=self.device)
             self._positions = self._append("positions", self._positions, new_pos.expand(b, h, q), 2)
@@ -154,11 +261,24 @@ class EvictingLayer(DynamicLayer):
             self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
         self.keys = self._append("keys", self.keys, key_states, 2)
         self.values = self._append("values", self.values, value_states, 2)
-        for name, tensor in self.state.items():
+        for name, tensor in self._state.items():
             pad = tensor.new_zeros(b, h, q, *tensor.shape[3:])
-            self.state[name] = self._append(f"state:{name}", tensor, pad, 2)
+            self._state[name] = self._append(f"state:{name}", tensor, pad, 2)
         self.n_seen += q
         return self.keys, self.values
+
+    def _update_heads(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """:meth:`update` of a ragged layer: each head's store takes its head's ``(B, 1, Q, D)`` keys and values.
+
+        Returns the first head's keys and values: placeholders, since the attention of a ragged layer reads each
+        head's slots from :meth:`head_slots`, never what ``update`` returns."""
+        q = key_states.shape[2]
+        for h, head in enumerate(self.heads):
+            head.update(key_states[:, h : h + 1], value_states[:, h : h + 1])
+        if self._real is not None:
+            self._real = self._append("real", self._real, self._real.new_ones(self._real.shape[0], q), 1)
+        self.n_seen += q
+        return self.heads[0]._keys, self.heads[0]._values
 
     def _append(self, name: str, held: torch.Tensor, new: torch.Tensor, dim: int) -> torch.Tensor:
         """``held`` + ``new`` along ``dim``, in the buffer kept under ``name`` (see :func:`_append_in_place`)."""
@@ -190,19 +310,24 @@ class EvictingLayer(DynamicLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
-            self.index_batch(torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats))
+            self.index_batch(torch.arange(self.slot_shape()[0], device=self.device).repeat_interleave(repeats))
 
     def index_batch(self, idx: torch.Tensor) -> None:
         """Keep (or repeat) batch rows ``idx`` ``(B',)`` of everything stored."""
         if not self.is_initialized:
             return
         idx = idx.to(self.device)
-        self.keys, self.values = self.keys[idx], self.values[idx]
-        if self.dense:
-            self._forget_dense_metadata()
+        if self.heads is not None:
+            for head in self.heads:
+                head.index_batch(idx)
+            self.real = self.real[idx]
         else:
-            self.positions, self.valid, self.real = self.positions[idx], self.valid[idx], self.real[idx]
-        self.state = {k: v[idx] for k, v in self.state.items()}
+            self.keys, self.values = self.keys[idx], self.values[idx]
+            if self.dense:
+                self._forget_dense_metadata()
+            else:
+                self.positions, self.valid, self.real = self.positions[idx], self.valid[idx], self.real[idx]
+            self.state = {k: v[idx] for k, v in self.state.items()}
         if self.queries is not None:
             self.queries = self.queries[idx]
 
@@ -216,9 +341,23 @@ class EvictingLayer(DynamicLayer):
         if real.shape[0] != self.real.shape[0]:
             real = real.expand(self.real.shape[0], -1)
         self.real[:, self.n_seen - q :] = real
-        self.valid[:, :, -q:] &= real[:, None, :]
+        for store in self.heads or [self]:
+            store.valid[:, :, -q:] &= real[:, None, :]
+            store.dense, store.padded = False, True
         self.dense = False
         self.padded = True
+
+    def head_slots(self, q: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """A ragged layer's slots head by head, for the attention of the last call's ``q`` queries.
+
+        Returns, per KV head, its keys ``(B, 1, T_h, D)``, values ``(B, 1, T_h, D_v)`` and the ``(B, 1, Q, T_h)``
+        bool mask of the slots each query may attend to (``None`` when a single query may see every slot).
+        """
+        out = []
+        for head in self.heads:
+            full = q == 1 and not head.padded and bool(head.valid.all())
+            out.append((head._keys, head._values, None if full else head.slot_mask(q)))
+        return out
 
     def slot_mask(self, q: int) -> torch.Tensor:
         """``(B, H, Q, T)`` bool: which slots each of the last call's ``q`` queries may attend to.
@@ -252,20 +391,46 @@ class EvictingLayer(DynamicLayer):
 
     # --- eviction and probes -----------------------------------------------------------------------
     def compact(self, keep: torch.Tensor) -> None:
-        """Keep the ``(B, H, T)`` slots set in ``keep``; shrink storage to the longest head."""
+        """Keep the ``(B, H, T)`` slots set in ``keep``; shrink storage to the longest head, or store the heads
+        apart where padding them to the longest would waste :data:`RAGGED_MIN_SAVING` of the layer or more."""
+        if self.heads is not None:
+            for h, head in enumerate(self.heads):
+                head.compact(keep[:, h : h + 1, keep.shape[2] - head.slots :])
+            return
         counts = keep.sum(dim=-1)  # (B, H)
         length = int(counts.max())
         sort_key = torch.where(keep, self.positions, torch.iinfo(torch.long).max)
         idx = sort_key.argsort(dim=-1, stable=True)[..., :length]  # kept slots in position order first
-
-        def gather(t: torch.Tensor) -> torch.Tensor:
-            index = idx.view(*idx.shape, *([1] * (t.dim() - 3))).expand(*idx.shape, *t.shape[3:])
-            return t.gather(2, index)
-
-        self.keys, self.values = gather(self.keys), gather(self.values)
+        head_lengths = counts.max(dim=0).values  # (H,): each head's longest row
+        if counts.shape[1] > 1 and int(head_lengths.sum()) <= (1 - RAGGED_MIN_SAVING) * length * counts.shape[1]:
+            self._store_heads_apart(idx, counts, head_lengths.tolist())
+            return
+        self.keys, self.values = _gather_slots(self.keys, idx), _gather_slots(self.values, idx)
         self.positions = self.positions.gather(2, idx)
         self.valid = torch.arange(length, device=self.device) < counts[..., None]
-        self.state = {k: gather(v) for k, v in self.state.items()}
+        self.state = {k: _gather_slots(v, idx) for k, v in self.state.items()}
+        self.dense = False
+
+    def _store_heads_apart(self, idx: torch.Tensor, counts: torch.Tensor, lengths: list[int]) -> None:
+        """Become ragged: head ``h`` keeps slots ``idx[:, h, :lengths[h]]`` (``idx`` ``(B, H, T')``, kept slots in
+        position order first; ``counts`` ``(B, H)`` kept per row and head) in a single-head store of its own."""
+        positions, valid_from = self.positions, torch.arange(max(lengths), device=self.device)
+        heads = []
+        for h, n in enumerate(lengths):
+            i = idx[:, h : h + 1, :n]
+            head = EvictingLayer(self.layer_idx)
+            head.device, head.is_initialized = self.device, True
+            head.keys = _gather_slots(self._keys[:, h : h + 1], i)
+            head.values = _gather_slots(self._values[:, h : h + 1], i)
+            head.positions = positions[:, h : h + 1].gather(2, i)
+            head.valid = valid_from[:n] < counts[:, h : h + 1, None]
+            head.state = {k: _gather_slots(v[:, h : h + 1], i) for k, v in self._state.items()}
+            head.n_seen, head.last_step, head.dense, head.padded = self.n_seen, self.last_step, False, self.padded
+            heads.append(head)
+        self.heads = heads
+        self._keys = self._values = self._positions = self._valid = None
+        self._state = {}
+        self._buffers = {k: v for k, v in self._buffers.items() if k in ("real", "queries")}
         self.dense = False
 
     def mark_stepped(self) -> None:
@@ -286,6 +451,12 @@ class EvictingLayer(DynamicLayer):
         queries, self.probe_queries = self.probe_queries, None
         if p <= 0:
             return None, None
+        if self.heads is not None:
+            keys = torch.cat([head.drop_probe(n_seen)[1] for head in self.heads], dim=1)
+            if self._real is not None:
+                self._real = self._real[:, :-p]
+            self.n_seen = n_seen
+            return queries, keys
         keys = self.keys[:, :, -p:].clone()  # the next append writes over these slots of the buffer
         self.keys, self.values = self.keys[:, :, :-p], self.values[:, :, :-p]
         if self._positions is not None:

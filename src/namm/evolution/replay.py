@@ -160,9 +160,11 @@ def record(model, tokenizer, prompt: str, answer: str, delay: int, chunk_size: i
 
 def _inject(layer: EvictingLayer, recording: Recording) -> None:
     """Every slot's reconstruction score, read by position from the recording."""
-    table = recording.reconstruction[layer.layer_idx].to(layer.keys.device)
-    rows = layer.positions.shape[0]
-    layer.state[RECONSTRUCTION_KEY] = table.expand(rows, -1, -1).gather(2, layer.positions)
+    table = recording.reconstruction[layer.layer_idx].to(layer.device)
+    positions = layer.positions
+    state = layer.state  # a ragged layer's is a stacked copy: assigned back below
+    state[RECONSTRUCTION_KEY] = table.expand(positions.shape[0], -1, -1).gather(2, positions)
+    layer.state = state
 
 
 def recompute_start(n: int, delay: int, recompute: int) -> int:

@@ -78,8 +78,9 @@ class NAMMConfig:
             KV heads together (AdaKV's and KVzip's rule), instead of ``budget`` per head; heads then hold different
             numbers of tokens. Off by default (docs/namm.md has the measurement that made the shipped memory use it).
         head_cap: with ``head_sharing``: no head keeps more than ``ceil(head_cap x budget)`` tokens (0: no cap; else
-            >= 1, so the layer's total still fits). The cache stores a layer padded to its longest head, so the cap
-            bounds the storage a shared budget really saves (``peak_kv_bytes``). Off by default.
+            >= 1, so the layer's total still fits). A cache whose heads keep different numbers of tokens stores them
+            apart (:mod:`namm.store`), so the cap no longer bounds the storage; it only limits how unevenly a layer
+            spends its budget. Off by default.
     """
 
     n_fft: int = 32

@@ -96,7 +96,9 @@ class SnapKV(BudgetPolicy):
     Args:
         budget: tokens (or fraction) kept per head.
         window: observation window (recent queries; their own tokens are always kept).
-        kernel: average-pooling kernel along the cache axis.
+        kernel: average-pooling kernel along the cache axis, over a head's valid slots in order: where a head has
+            padding slots (heads keeping different numbers of tokens, left padding), they are taken out before the
+            pooling and a slot's neighbours are the kept tokens next to it, wherever the store put the padding.
     """
 
     name = "snapkv"
@@ -117,8 +119,18 @@ class SnapKV(BudgetPolicy):
 
     def score(self, step: MemoryStep) -> torch.Tensor:
         b, h, _, t = step.attention.shape
-        attn = step.attention.mean(dim=2).view(b * h, 1, t)
-        pooled = torch.nn.functional.avg_pool1d(attn, self.kernel, stride=1, padding=self.kernel // 2).view(b, h, t)
+        attn = step.attention.mean(dim=2)  # (B, H, T); zero on invalid slots
+
+        def pool(x: torch.Tensor) -> torch.Tensor:
+            x = x.reshape(b * h, 1, t)
+            return torch.nn.functional.avg_pool1d(x, self.kernel, stride=1, padding=self.kernel // 2).view(b, h, t)
+
+        if bool(step.valid.all()):
+            pooled = pool(attn)
+        else:  # pool the valid slots packed in order (padding moved behind them), then put them back
+            order = (~step.valid).to(torch.uint8).argsort(dim=-1, stable=True)
+            packed = (attn * step.valid).gather(2, order)
+            pooled = torch.zeros_like(attn).scatter_(2, order, pool(packed))
         return protect(pooled, recent_mask(step, self.window))
 
 

@@ -56,8 +56,8 @@ class AdaKV(SnapKV):
 
     A layer keeps ``budget x H`` tokens in all: its highest SnapKV scores over every head together, after each head
     has kept its ``floor(safeguard x budget)`` best (kvpress's ``alpha_safeguard``). Heads then hold different
-    numbers of tokens; namm's cache stores them compacted per head (the layer's storage is padded to its longest
-    head, reported as ``padding_fraction``).
+    numbers of tokens; namm's cache stores each head apart when they differ (:mod:`namm.store`), so the saving is
+    real memory (kvpress keeps evicted slots as placeholder keys).
 
     Args:
         budget, window, kernel: as :class:`~namm.policies.classic.SnapKV`.

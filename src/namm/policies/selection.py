@@ -75,7 +75,7 @@ def head_adaptive_keep(
         k: ``(B,)`` int64 mean tokens per head, or ``(B, H)`` per-head shares (the layer keeps their sum).
         safeguard: share of ``k`` every head keeps regardless of the other heads, in ``[0, 1]``.
         cap: 0, or ``>= 1``: no head keeps more than ``ceil(cap x k)`` slots (its best ones compete for the layer's
-            total), which bounds the layer's storage (padded to its longest head); the total stays exact.
+            total), which limits how unevenly the layer spends its budget; the total stays exact.
 
     Returns:
         ``(B, H, T)`` bool keep mask.
