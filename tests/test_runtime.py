@@ -129,6 +129,27 @@ def test_eviction_equals_masking_that_head(kind, ragged, tokenizer, monkeypatch)
     assert (got - plain).abs().max() > 1e-3  # the eviction did change the outputs
 
 
+def test_a_layer_with_uneven_heads_stores_what_it_keeps(llama, tokenizer, monkeypatch):
+    """Heads apart, the bytes stored are the tokens kept, exactly; padded to the longest head, more."""
+    hide = {(0, 1): list(range(10, 50)), (1, 0): list(range(4, 60)), (2, 1): list(range(20, 40))}
+    ids = tokenizer(random_prompt(64, seed=7), return_tensors="pt").input_ids
+    stored = {}
+    for ragged in (True, False):
+        if not ragged:
+            monkeypatch.setattr(namm.store, "RAGGED_MIN_SAVING", 1.0)
+        cache = namm.MemoryCache(llama, EvictGiven(hide=hide, when=64), delay=32)
+        with torch.no_grad():
+            llama(ids, **with_cache(llama, cache))
+        layer = cache.layers[0]
+        per_token = 2 * layer.keys.shape[-1] * layer.keys.element_size()  # a key and a value, one head
+        kept = int(cache.kept_tokens().sum())
+        assert kept == 3 * 2 * 64 - 40 - 56 - 20
+        stored[ragged] = cache.kv_bytes()
+        assert (stored[ragged] == kept * per_token) == ragged
+        assert (cache.padding_fraction() == 0) == ragged
+    assert stored[True] < stored[False] == 3 * 2 * 64 * per_token  # padded: every layer's longest head holds 64
+
+
 def test_positions_survive_eviction(llama, tokenizer):
     prompt = random_prompt(96, seed=2)
     cache = namm.MemoryCache(llama, SnapKV(budget=20, window=8), delay=32)
