@@ -12,7 +12,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 import namm
 import namm.store
 from conftest import random_prompt, tiny_model, with_cache
-from namm.policies import H2O, Full, Policy, SnapKV
+from namm.policies import H2O, AdaKV, Full, Policy, SnapKV
 from namm.policies.base import ALL_QUERIES, StepRequest
 
 
@@ -148,6 +148,23 @@ def test_a_layer_with_uneven_heads_stores_what_it_keeps(llama, tokenizer, monkey
         assert (stored[ragged] == kept * per_token) == ragged
         assert (cache.padding_fraction() == 0) == ragged
     assert stored[True] < stored[False] == 3 * 2 * 64 * per_token  # padded: every layer's longest head holds 64
+
+
+def test_model_generate_runs_on_a_cache_whose_heads_are_stored_apart(llama, tokenizer, monkeypatch):
+    """AdaKV shares each layer's budget between its heads, so its layers store their heads apart; inside
+    transformers' own generate loop the tokens are those of the same cache padded to the longest head."""
+    ids = tokenizer(random_prompt(80, seed=5), return_tensors="pt").input_ids
+    runs = {}
+    for ragged in (True, False):
+        if not ragged:
+            monkeypatch.setattr(namm.store, "RAGGED_MIN_SAVING", 1.0)
+        cache = namm.MemoryCache(llama, AdaKV(budget=24, window=8), delay=16)
+        runs[ragged] = llama.generate(ids, max_new_tokens=20, do_sample=False, **with_cache(llama, cache))
+        assert any(layer.ragged for layer in cache.managed) == ragged
+        kept = cache.kept_tokens()
+        since_step = ids.shape[1] + 19 - 96  # tokens appended after the last memory step (at 96)
+        assert bool((kept.sum(dim=-1) == 2 * (24 + since_step)).all()) and bool((kept[..., 0] != kept[..., 1]).any())
+    assert torch.equal(runs[True], runs[False])
 
 
 def test_positions_survive_eviction(llama, tokenizer):
