@@ -184,6 +184,30 @@ def test_kvzip_runs_in_the_engine_on_the_cadence_and_refuses_a_bare_cache(llama,
     namm.cache.clear_pending()
 
 
+@pytest.mark.parametrize("question", [None, " w5 w6"], ids=["on-the-cadence", "question-agnostic"])
+def test_each_layer_steps_as_soon_as_its_part_of_the_probe_has_run(question, llama, tokenizer, monkeypatch):
+    """The same steps, cache and logits as stepping after the whole probe; a lower peak, since the probe's tokens
+    sit in one layer at a time and the layers before it are already compacted."""
+    prompt = random_prompt(100, seed=5)
+
+    def run():
+        return namm.generate(llama, tokenizer, prompt, KVzip(budget=20), max_new_tokens=12, delay=32,
+                             ignore_eos=True, return_logits=True, question=question)
+
+    layerwise = run()
+    original = namm.cache.MemoryCache.probe
+    def steps_after_the_probe(self, capture=False, steps=None):
+        return original(self, capture)
+
+    monkeypatch.setattr(namm.cache.MemoryCache, "probe", steps_after_the_probe)
+    after = run()
+    assert layerwise.token_ids == after.token_ids
+    torch.testing.assert_close(layerwise.logits, after.logits, rtol=0, atol=0)
+    assert [(s["n_seen"], s["kept"]) for s in layerwise.stats.steps] == [
+        (s["n_seen"], s["kept"]) for s in after.stats.steps]
+    assert layerwise.stats.peak_kv_bytes < after.stats.peak_kv_bytes
+
+
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
 @torch.no_grad()
 def test_a_probe_leaves_every_layer_as_it_was(kind, tokenizer):

@@ -104,6 +104,8 @@ class MemoryCache(Cache):
         self.delay = delay
         self.probing = False  # tokens now appended are a probe (see probe()): no memory step runs
         self.capture_probe = False  # ... and the layers keep their queries for the next memory step
+        self._probe_steps: str | None = None  # ... and each layer steps as soon as its probe has run (see probe())
+        self._probe_marks: dict[int, int] = {}  # n_seen of each managed layer when the probe began
         self.auto_end_prompt = True  # run end_prompt at the first one-token call; namm.generate calls it itself
         self.stats = CacheStats()
         self._held = False  # memory steps that fall due wait for run_due_steps (hold_steps)
@@ -187,6 +189,8 @@ class MemoryCache(Cache):
             if cache.probing:
                 if cache.capture_probe:
                     layer.keep_probe_queries(query)
+                    if cache._probe_steps is not None:
+                        cache._step_after_probe(layer)
                 return
             queries = cache.policy.request.queries
             if queries is not None:
@@ -276,36 +280,58 @@ class MemoryCache(Cache):
 
     # --- probes ---------------------------------------------------------------------------------------
     @contextmanager
-    def probe(self, capture: bool = False) -> Iterator[None]:
+    def probe(self, capture: bool = False, steps: str | None = None) -> Iterator[None]:
         """Run tokens through the cache inside this block and take them out again when it ends.
 
         Inside, forward calls append to every layer as usual (the tokens attend to the whole cache and causally
         to each other; their logits are the model's) but no memory step runs. On exit every layer, sliding ones
         included, is as it was before the block. With ``capture``, each managed layer keeps the probe tokens'
         queries and keys and hands them, as a :class:`~namm.policies.base.Probe`, to its next memory step.
+
+        ``steps`` (with ``capture``, for a probe of one forward call): ``"due"`` runs each layer's due memory step,
+        ``"all"`` a step in every layer (:meth:`compress_now`), as soon as that layer's attention of the probe has
+        run, with the probe taken out of it first. A layer's step reads only its own cache and probe, so this is
+        the step that would run after the block, but no more than one layer holds the probe's tokens at a time
+        and the layers before it are already compacted: the peak storage is lower. Its time counts as memory
+        time, as any step's.
         """
         if self.probing:
             raise NammError("A namm cache probe cannot be nested.")
+        if steps not in (None, "due", "all") or (steps is not None and not capture):
+            raise NammError(f"probe(steps=...) takes None, 'due' or 'all', with capture=True (got {steps!r}).")
         marks = [(layer, layer.n_seen) for layer in self.managed if layer.is_initialized]
         if len(marks) != len(self.managed):
             raise NammError("A namm cache can only be probed after the prompt has been processed.")
         saved = [(layer, dict(vars(layer))) for layer in self._unmanaged]  # their update() rebinds, never mutates
-        self.probing, self.capture_probe = True, capture
+        self.probing, self.capture_probe, self._probe_steps = True, capture, steps
+        self._probe_marks = {layer.layer_idx: n_seen for layer, n_seen in marks}
         try:
             yield
         finally:
             self.probing = self.capture_probe = False
+            self._probe_steps = None
             clear_pending()
             for layer, n_seen in marks:
-                queries, keys = layer.drop_probe(n_seen)
-                if capture and queries is not None and keys is not None:
-                    idx = layer.layer_idx
-                    self._probes[idx] = Probe(queries=queries, keys=keys, start=layer.last_step,
-                                              scaling=self.scaling[idx], softcap=self.softcap.get(idx))
-                self._account(layer)
+                self._take_probe_out(layer, n_seen, capture)
             for layer, attributes in saved:
                 layer.__dict__.clear()
                 layer.__dict__.update(attributes)
+
+    def _take_probe_out(self, layer: EvictingLayer, n_seen: int, capture: bool) -> None:
+        """Remove the probe's tokens from ``layer`` (it had seen ``n_seen`` before them); with ``capture``, keep its
+        queries and keys for the layer's next step. Nothing to do where they are out already."""
+        queries, keys = layer.drop_probe(n_seen)
+        if capture and queries is not None and keys is not None:
+            idx = layer.layer_idx
+            self._probes[idx] = Probe(queries=queries, keys=keys, start=layer.last_step,
+                                      scaling=self.scaling[idx], softcap=self.softcap.get(idx))
+        self._account(layer)
+
+    def _step_after_probe(self, layer: EvictingLayer) -> None:
+        """``layer``'s attention of the probe has run: take the probe out and run its step now (``probe(steps=)``)."""
+        self._take_probe_out(layer, self._probe_marks[layer.layer_idx], capture=True)
+        if self._due(layer) if self._probe_steps == "due" else layer.n_seen > layer.last_step:
+            self._step(layer)
 
     # --- steps off the cadence --------------------------------------------------------------------
     def end_prompt(self) -> None:

@@ -242,15 +242,16 @@ def probe_step(model, tokenizer, cache: MemoryCache, history: torch.Tensor, fina
     start, end = cache.unstepped_start(), history.shape[1]
     if start >= end or not (final or cache.steps_due()):
         return 0.0
-    t0 = time.perf_counter()
+    t0, stepping = time.perf_counter(), cache.stats.memory_seconds
     # every row has seen the same tokens (one prompt, or copies of it for a population): one probe, every row
     ids = cache.policy.probe_ids(tokenizer, history[:1, start:end], history[:1, :start])
     ids = ids.expand(cache.batch_rows, -1)
-    with cache.probe(capture=True):
+    # each layer steps as soon as its part of the probe has run (the probe's tokens in one layer at a time)
+    with cache.probe(capture=True, steps="all" if final else "due"):
         clear_pending()
         model(input_ids=ids.to(model.device), use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
-    seconds = time.perf_counter() - t0
-    if final:
+    seconds = time.perf_counter() - t0 - (cache.stats.memory_seconds - stepping)
+    if final:  # nothing left to do where every layer stepped inside the probe
         cache.compress_now()
     else:
         cache.run_due_steps()
