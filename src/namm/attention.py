@@ -275,10 +275,9 @@ def ragged_attention(
 
 
 def _per_head_sdpa(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, scaling: float | None
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, scaling: float | None
 ) -> torch.Tensor:
-    """SDPA with a per-KV-head mask ``allowed`` ``(B, H, Q, T)`` (``None``: every slot visible); the G query heads of
-    a group share it.
+    """SDPA with a per-KV-head mask ``allowed`` ``(B, H, Q, T)``; the G query heads of a group share it.
 
     Each KV head becomes a batch row whose G query heads read it through an expanded (stride-0) view, so the mask
     is passed as a ``(B*H, 1, Q, T)`` view that broadcasts over the G heads: nothing of size ``G*Q*T`` is built
@@ -291,7 +290,7 @@ def _per_head_sdpa(
     per_kv = query.reshape(b * h, g, q, d)  # query heads h*G..h*G+G-1 read KV head h (repeat_kv order)
     keys = key.reshape(b * h, 1, t, d).expand(b * h, g, t, d)
     values = value.reshape(b * h, 1, t, value.shape[-1]).expand(b * h, g, t, value.shape[-1])
-    mask = None if allowed is None else allowed.reshape(b * h, 1, q, t)
+    mask = allowed.reshape(b * h, 1, q, t)
     out = torch.nn.functional.scaled_dot_product_attention(per_kv, keys, values, attn_mask=mask, scale=scaling)
     return out.reshape(b, hq, q, value.shape[-1]).transpose(1, 2).contiguous()
 
