@@ -337,5 +337,8 @@ def test_compare_table_reads_cleanly(model_dir, tmp_path):
     assert [row.split("│")[2].strip() for row in rows] == ["100%", "25%", "16 tokens"]  # one budget style
     saved = json.loads((tmp_path / "passkey__results.json").read_text())
     assert [r["label"] for r in saved["results"]] == ["full", "h2o@0.25", "h2o@16"]
+    assert "peak KV MiB" in res.stdout  # bytes stored, not the longest head's tokens
+    full, *evicting = (r["peak_kv_mib"] for r in saved["results"])
+    assert all(0 < p < full for p in evicting)
     again = CliRunner().invoke(app, args)
     assert again.stderr.count("1 of 1 sample already recorded, reused") == 3
