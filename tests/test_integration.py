@@ -65,13 +65,14 @@ def test_gemma3_global_layers_only(tmp_path):
 
 
 def test_demo_runs_on_the_bundled_model_and_keeps_each_length_apart(tmp_path, monkeypatch):
-    """The README's main job, small: the bundled NAMM against every baseline; another --length gets its own
-    directory instead of meeting the first run's records."""
+    """The README's main job, small: the bundled NAMM against every baseline and the distilled scorer; another
+    --length gets its own directory instead of meeting the first run's records."""
     monkeypatch.chdir(tmp_path)
     for length in (300, 340):
         result = CliRunner().invoke(app, ["demo", "--length", str(length), "--samples", "1"])
         assert result.exit_code == 0, result.output
         saved = json.loads((tmp_path / f"runs/demo/smollm2-135m-{length}/passkey__results.json").read_text())
         labels = [r["label"] for r in saved["results"]]
-        assert labels[:2] == ["full", "namm"] and len(labels) == 8 and "kvzip@namm-steps" in labels
+        assert labels[:2] == ["full", "namm"] and len(labels) == 9 and "kvzip@namm-steps" in labels
+        assert "distilled@namm-steps" in labels  # the probe-free scorer distilled from KVzip
         assert all(r["label"] == "full" or r["budget"] != "100%" for r in saved["results"])

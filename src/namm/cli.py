@@ -393,9 +393,13 @@ def demo(
     baselines run at ``--budget``.
     """
     from namm.memory import NAMM, bundled_checkpoints  # noqa: PLC0415
+    from namm.policies.distilled import Distilled  # noqa: PLC0415
 
     shipped = model in bundled_checkpoints()
-    names = "full,streaming,h2o,l2,snapkv,random,kvzip" + (",namm" if shipped else "")
+    # The distilled scorer joins when the one it loads by default was fitted for this model.
+    distilled = Distilled.scorer == f"{model}-distilled" and Distilled.shipped()
+    names = "full,streaming,h2o,l2,snapkv,random,kvzip" + (",distilled" if distilled else "") + \
+        (",namm" if shipped else "")
     if delay is None:
         delay = NAMM.from_pretrained(model).config.delay if shipped else DEFAULT_DELAY
     if out is None:  # one directory per model and length, so another --length never meets old records

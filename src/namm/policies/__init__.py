@@ -11,10 +11,11 @@ from namm.errors import NammError
 from namm.policies.allocation import DepthAllocation
 from namm.policies.base import ALL_QUERIES, BudgetPolicy, BudgetSchedule, MemoryStep, Policy, Probe, StepRequest
 from namm.policies.classic import H2O, Full, L2Norm, Random, SnapKV, StreamingLLM
+from namm.policies.distilled import Distilled, DistilledScorer
 from namm.policies.peers import TOVA, AdaKV, KVzip, PyramidKV
 
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (Full, StreamingLLM, H2O, L2Norm, SnapKV, Random, TOVA, AdaKV, PyramidKV, KVzip)
+    cls.name: cls for cls in (Full, StreamingLLM, H2O, L2Norm, SnapKV, Random, TOVA, AdaKV, PyramidKV, KVzip, Distilled)
 }
 
 
@@ -81,6 +82,8 @@ __all__ = [
     "BudgetPolicy",
     "BudgetSchedule",
     "DepthAllocation",
+    "Distilled",
+    "DistilledScorer",
     "Full",
     "KVzip",
     "L2Norm",
