@@ -1,5 +1,6 @@
-"""The NAMM shipped inside the package for SmolLM2: it loads, and on a fixed 2k passkey set it keeps at most 55% of
-the cache and answers at least as many as StreamingLLM at the same size."""
+"""The memories shipped inside the package for SmolLM2 (the NAMM, and the scorer distilled from KVzip): they load, and
+on a fixed 2k passkey set they keep at most 55% of the cache and answer at least as many as StreamingLLM at the same
+size."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import namm
 from namm.harness import evaluate
 from namm.memory import bundled_checkpoints
-from namm.policies import Full, StreamingLLM
+from namm.policies import Distilled, DistilledScorer, Full, StreamingLLM
 from namm.tasks import get_task
 
 pytestmark = pytest.mark.integration
@@ -26,7 +27,15 @@ def test_the_smollm2_namm_is_bundled_and_loads():
     assert policy.request.probe
 
 
-def test_the_shipped_namm_keeps_at_most_55_percent_and_beats_streaming_on_passkey(smollm2):
+def test_the_shipped_distilled_scorer_fits_smollm2():
+    scorer = DistilledScorer.load(Distilled.scorer)
+    assert Distilled.shipped() and scorer.meta["model"] == SHIPPED
+    assert tuple(scorer.weight.shape) == (30, 3, 64 + 32) and scorer.hidden_weight is None
+    assert not Distilled().request.probe and not Distilled().request.attention
+
+
+def test_the_shipped_memories_keep_at_most_55_percent_and_beat_streaming_on_passkey(smollm2):
+    """The NAMM, and the scorer distilled from KVzip (no probe), on the same samples."""
     model, tok = smollm2
     policy = namm.NAMM.from_pretrained(SHIPPED)
     task = get_task("passkey")
@@ -34,9 +43,11 @@ def test_the_shipped_namm_keeps_at_most_55_percent_and_beats_streaming_on_passke
     samples = task.samples(4, seed=4242, length=2048, tokenizer=tok)
     delay = policy.config.delay
     runs = {name: evaluate(model, tok, task, p, samples, delay=delay, chunk_size=delay, progress=False)
-            for name, p in (("full", Full()), ("namm", policy), ("streaming", StreamingLLM(budget=0.5)))}
+            for name, p in (("full", Full()), ("namm", policy), ("streaming", StreamingLLM(budget=0.5)),
+                            ("distilled", Distilled(budget=0.5)))}
     score = {name: statistics.fmean(r["score"] for r in rs) for name, rs in runs.items()}
     cache = {name: statistics.fmean(r["cache_fraction"] for r in rs) for name, rs in runs.items()}
     assert score["full"] > 0.5, "Full must solve this passkey set, or the comparison says nothing"
     assert cache["namm"] <= 0.55 and abs(cache["namm"] - cache["streaming"]) < 0.01
     assert score["namm"] >= score["streaming"]
+    assert cache["distilled"] <= 0.55 and score["distilled"] >= score["streaming"]

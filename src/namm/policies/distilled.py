@@ -17,8 +17,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from namm.atomic import atomic_write_bytes, atomic_write_json
 from namm.errors import NammError
 from namm.policies.base import BudgetPolicy, MemoryStep, StepRequest, protect, sink_mask
 from namm.policies.selection import head_adaptive_keep, top_k_keep
@@ -81,8 +82,8 @@ class DistilledScorer:
         tensors = {"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}
         if self.hidden_weight is not None:
             tensors |= {"hidden_weight": self.hidden_weight.contiguous(), "hidden_bias": self.hidden_bias.contiguous()}
-        save_file(tensors, str(out / "scorer.safetensors"))
-        (out / "scorer.json").write_text(json.dumps(self.meta, indent=1) + "\n")
+        atomic_write_bytes(out / "scorer.safetensors", save(tensors))
+        atomic_write_json(out / "scorer.json", self.meta)
         return out
 
     @classmethod
