@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from namm.engine import generate
 from namm.models import load_model
@@ -61,11 +62,11 @@ class _Recorder(KVzip):
         return scores
 
 
-def collect(seed: int, samples: int, length: int, out: Path, tasks: tuple[str, ...]) -> None:
+def collect(model_name: str, seed: int, samples: int, length: int, out: Path, tasks: tuple[str, ...]) -> None:
     if seed in RESERVED_SEEDS:
         raise SystemExit(f"seed {seed} is the {RESERVED_SEEDS[seed]} seed: choose another")
     torch.set_num_threads(2)
-    model, tok = load_model("smollm2-135m")
+    model, tok = load_model(model_name)
     recorder = _Recorder(budget=1.0)
     t0 = time.time()
     for name in tasks:
@@ -74,13 +75,15 @@ def collect(seed: int, samples: int, length: int, out: Path, tasks: tuple[str, .
             generate(model, tok, s.prompt, recorder, max_new_tokens=1, delay=128, chunk_size=128)
         print(f"{name}: done, {time.time() - t0:.0f} s", flush=True)
     tensors = {}
-    for layer, rows in recorder.rows.items():
+    for layer, rows in recorder.rows.items():  # the managed layers (Gemma 3: the global ones)
         tensors[f"x{layer}"] = torch.cat([f for f, _ in rows], dim=1).contiguous()
         tensors[f"y{layer}"] = torch.cat([y for _, y in rows], dim=1).contiguous()
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"seed": str(seed), "samples": str(samples), "length": str(length), "tasks": ",".join(tasks)}
+    meta = {"model": model_name, "seed": str(seed), "samples": str(samples), "length": str(length),
+            "tasks": ",".join(tasks)}
     save_file(tensors, str(out), metadata=meta)
-    print(f"wrote {out}: {len(recorder.rows)} layers, {tensors['y0'].shape[1]} tokens per head", flush=True)
+    tokens = next(iter(tensors.values())).shape[1]
+    print(f"wrote {out}: {len(recorder.rows)} layers, {tokens} tokens per head", flush=True)
 
 
 def _load(paths: list[Path]) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], list[dict]]:
@@ -88,13 +91,10 @@ def _load(paths: list[Path]) -> tuple[dict[int, torch.Tensor], dict[int, torch.T
     ys: dict[int, list[torch.Tensor]] = {}
     metas = []
     for p in paths:
-        t = load_file(str(p))
-        from safetensors import safe_open  # noqa: PLC0415
-
         with safe_open(str(p), "pt") as f:
             metas.append(dict(f.metadata() or {}, file=str(p)))
-        for k, v in t.items():
-            (xs if k[0] == "x" else ys).setdefault(int(k[1:]), []).append(v)
+            for k in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                (xs if k[0] == "x" else ys).setdefault(int(k[1:]), []).append(f.get_tensor(k))
     return ({k: torch.cat(v, 1).double() for k, v in xs.items()}, {k: torch.cat(v, 1).double() for k, v in ys.items()},
             metas)
 
@@ -143,7 +143,7 @@ def _fit_mlp(x: torch.Tensor, y: torch.Tensor, hidden: int, epochs: int, seed: i
     with torch.no_grad():
         scale = (1 / sd.squeeze(1)).float()  # (H, F)
         w1f = w1 * scale[:, :, None]
-        b1f = b1 - torch.einsum("hf,hfm->hm", (mu.squeeze(1) * 1 / sd.squeeze(1)).float(), w1)
+        b1f = b1 - torch.einsum("hf,hfm->hm", mu.squeeze(1).float() * scale, w1)
         return w1f, b1f, w2.detach().clone(), (b2 + ym.squeeze(1).float()).detach()
 
 
@@ -151,20 +151,24 @@ def fit(train: list[Path], test: list[Path] | None, out: Path | None, ridge: flo
         epochs: int = 10) -> None:
     torch.set_num_threads(2)
     xs, ys, metas = _load(train)
+    models = {m.get("model", "smollm2-135m") for m in metas}  # collections before session 18's last fix: SmolLM2
+    if len(models) != 1:
+        raise SystemExit(f"the collections come from different models: {sorted(models)}")
     layers = sorted(xs)
-    h, f = xs[0].shape[0], xs[0].shape[-1]
+    n_layers = layers[-1] + 1  # unmanaged layers (Gemma 3's sliding ones) keep zero weights
+    h, f = xs[layers[0]].shape[0], xs[layers[0]].shape[-1]
     hidden_w = hidden_b = None
     if hidden:
-        hidden_w, hidden_b = torch.zeros(len(layers), h, f, hidden), torch.zeros(len(layers), h, hidden)
-        weight, bias = torch.zeros(len(layers), h, hidden), torch.zeros(len(layers), h)
+        hidden_w, hidden_b = torch.zeros(n_layers, h, f, hidden), torch.zeros(n_layers, h, hidden)
+        weight, bias = torch.zeros(n_layers, h, hidden), torch.zeros(n_layers, h)
         for li in layers:
             hidden_w[li], hidden_b[li], weight[li], bias[li] = _fit_mlp(xs[li], ys[li], hidden, epochs, seed=li)
     else:
-        weight, bias = torch.zeros(len(layers), h, f), torch.zeros(len(layers), h)
+        weight, bias = torch.zeros(n_layers, h, f), torch.zeros(n_layers, h)
         for li in layers:
             for hi in range(h):
                 weight[li, hi], bias[li, hi] = _fit_linear(xs[li][hi], ys[li][hi], ridge)
-    scorer = DistilledScorer(weight, bias, {"model": "smollm2-135m", "features": "value + key pair norms",
+    scorer = DistilledScorer(weight, bias, {"model": models.pop(), "features": "value + key pair norms",
                                             "target": "log KVzip score (max reconstruction attention)",
                                             "ridge": ridge, "hidden": hidden, "epochs": epochs, "train": metas},
                              hidden_w, hidden_b)
@@ -192,6 +196,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("collect")
+    c.add_argument("--model", default="smollm2-135m", help="bundled model name, hub id or directory")
     c.add_argument("--seed", type=int, required=True)
     c.add_argument("--samples", type=int, default=4)
     c.add_argument("--length", type=int, default=2048)
@@ -206,7 +211,7 @@ def main() -> None:
     f.add_argument("--epochs", type=int, default=10)
     args = ap.parse_args()
     if args.cmd == "collect":
-        collect(args.seed, args.samples, args.length, args.out, tuple(args.tasks.split(",")))
+        collect(args.model, args.seed, args.samples, args.length, args.out, tuple(args.tasks.split(",")))
     else:
         fit(args.train, args.test, args.out, args.ridge, args.hidden, args.epochs)
 

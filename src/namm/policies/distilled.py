@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save
 from namm.atomic import atomic_write_bytes, atomic_write_json
 from namm.errors import NammError
 from namm.policies.base import BudgetPolicy, MemoryStep, StepRequest, protect, sink_mask
-from namm.policies.selection import head_adaptive_keep, top_k_keep
+from namm.policies.selection import layer_shared_keep
 
 #: Where named scorers ship, ``<name>/scorer.safetensors`` + ``<name>/scorer.json``.
 SCORER_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
@@ -150,9 +150,7 @@ class Distilled(BudgetPolicy):
         return protect(predicted, sink_mask(step, self.sinks))
 
     def keep(self, step: MemoryStep, scores: torch.Tensor) -> torch.Tensor:
-        if self.per_head:
-            return top_k_keep(scores, step.valid, self.budget_tokens(step))
-        return head_adaptive_keep(scores, step.valid, self.budget_tokens(step))
+        return layer_shared_keep(scores, step.valid, self.budget_tokens(step), self.per_head)
 
     def fingerprint(self) -> str:
         return f"{self!r} weights {DistilledScorer.load(self.scorer).digest}"

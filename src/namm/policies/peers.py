@@ -25,7 +25,7 @@ from namm.policies.base import (
     sink_mask,
 )
 from namm.policies.classic import SnapKV
-from namm.policies.selection import head_adaptive_keep, top_k_keep
+from namm.policies.selection import head_adaptive_keep, layer_shared_keep
 
 
 @dataclass
@@ -198,6 +198,4 @@ class KVzip(BudgetPolicy):
         return not self.per_head
 
     def keep(self, step: MemoryStep, scores: torch.Tensor) -> torch.Tensor:
-        if self.per_head:
-            return top_k_keep(scores, step.valid, self.budget_tokens(step))
-        return head_adaptive_keep(scores, step.valid, self.budget_tokens(step))
+        return layer_shared_keep(scores, step.valid, self.budget_tokens(step), self.per_head)

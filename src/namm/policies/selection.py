@@ -89,3 +89,9 @@ def head_adaptive_keep(
         s = s.masked_fill(guaranteed, float("inf"))
     flat = top_k_keep(s.reshape(b, 1, h * t), valid.reshape(b, 1, h * t), layer_total(k, h))
     return flat.view(b, h, t)
+
+
+def layer_shared_keep(scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, per_head: bool) -> torch.Tensor:
+    """The keep rule of KVzip-style policies: ``per_head`` keeps each head's ``k`` best slots (:func:`top_k_keep`),
+    otherwise a layer keeps ``k x H`` slots, its best over all heads (:func:`head_adaptive_keep`)."""
+    return top_k_keep(scores, valid, k) if per_head else head_adaptive_keep(scores, valid, k)
